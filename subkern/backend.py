@@ -1,0 +1,123 @@
+"""Backend choice: which implementation of an op runs.
+
+Every op has up to four implementations: ``reference`` (plain torch, always available), ``cpp``
+(the C++ CPU kernels in ``subkern._C``), ``triton`` (``subkern.kernels``; on CPU only under
+``TRITON_INTERPRET=1``) and ``cuda`` (the CUDA C++ kernels in ``subkern._C``).
+
+``auto`` (the default) picks the fastest available one for the tensors' device and silently falls
+back; a backend named explicitly, through ``SUBKERN_BACKEND=<name>`` or :func:`use_backend`, must be
+available or the call raises :class:`BackendUnavailableError` saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on this device."""
+
+
+_local = threading.local()
+
+
+def _validate(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The requested backend: the innermost :func:`use_backend`, else ``SUBKERN_BACKEND``, else auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _validate(os.environ.get("SUBKERN_BACKEND", "auto"), "SUBKERN_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Force a backend inside a ``with`` block (thread-local), e.g. ``with use_backend("reference")``."""
+    name = _validate(name, "backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs CPU tensors only (got a {device.type} tensor)"
+        if not _ext.has_cpu_kernels():
+            return f"subkern._C is not available: {_ext.load_error()}"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors only (got a {device.type} tensor)"
+        if not _ext.has_cuda_kernels():
+            why = _ext.load_error() or "subkern._C was built without CUDA kernels"
+            return f"the CUDA kernels of subkern._C are not available: {why}"
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return (f"the triton backend needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton "
+                f"is imported for CPU tensors (got a {device.type} tensor)")
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# Preference order of ``auto`` per device type.
+_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
+    """The concrete backend that runs ``op`` for tensors on ``device``.
+
+    ``supported`` lists the backends that implement ``op``. Explicit requests that cannot be met
+    raise :class:`BackendUnavailableError`; ``auto`` takes the first available in preference order.
+    """
+    requested = get_backend()
+    if requested != "auto":
+        if requested not in supported:
+            raise BackendUnavailableError(
+                f"backend {requested!r} does not implement subkern.{op} "
+                f"(implemented: {', '.join(supported)})")
+        why = unavailable_reason(requested, device)
+        if why is not None:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run subkern.{op}: {why}")
+        return requested
+    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        if candidate in supported and unavailable_reason(candidate, device) is None:
+            return candidate
+    return "reference"
