@@ -38,9 +38,10 @@ def built_for_torch(path: str) -> str | None:
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
             match = _MARKER.search(data)
+            found = bytes(match.group(1)) if match else None
     except (OSError, ValueError):
         return None
-    return match.group(1).decode("ascii", "replace") if match else None
+    return found.decode("ascii", "replace") if found else None
 
 
 def _load() -> ModuleType | None:
