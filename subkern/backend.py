@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _ext
+from .ops.library import has_kernel
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
@@ -68,8 +69,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run on ``device``, else a sentence saying why not."""
+def unavailable_reason(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """None when ``backend`` can run ``op`` (any op if None) on ``device``, else why not."""
+    device = torch.device(device)
     if backend == "reference":
         return None
     if backend == "cpp":
@@ -77,6 +79,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"the cpp backend runs CPU tensors only (got a {device.type} tensor)"
         if not _ext.has_cpu_kernels():
             return f"subkern._C is not available: {_ext.load_error()}"
+        if op is not None and not has_kernel(op, "CPU"):
+            return f"this build of subkern._C has no CPU kernel for subkern.{op}"
         return None
     if backend == "cuda":
         if device.type != "cuda":
@@ -113,11 +117,11 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
             raise BackendUnavailableError(
                 f"backend {requested!r} does not implement subkern.{op} "
                 f"(implemented: {', '.join(supported)})")
-        why = unavailable_reason(requested, device)
+        why = unavailable_reason(requested, device, op)
         if why is not None:
             raise BackendUnavailableError(f"backend {requested!r} cannot run subkern.{op}: {why}")
         return requested
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        if candidate in supported and unavailable_reason(candidate, device) is None:
+        if candidate in supported and unavailable_reason(candidate, device, op) is None:
             return candidate
     return "reference"
