@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import ops  # noqa: F401  (defines the op schemas and loads subkern._C)
 from .backend import BackendUnavailableError, get_backend, use_backend
 from .ops.binary import hamming_distance, hamming_topk, pack_bits, unpack_bits
+from .retrieval import BinaryIndex, IndexFormatError, sharded_range_search, sharded_search
 from .version import __version__
 
 __all__ = [
@@ -21,4 +22,8 @@ __all__ = [
     "unpack_bits",
     "hamming_distance",
     "hamming_topk",
+    "BinaryIndex",
+    "IndexFormatError",
+    "sharded_search",
+    "sharded_range_search",
 ]
