@@ -1,0 +1,169 @@
+"""The ``subkern`` command.
+
+``subkern info [--json]``
+    Versions, devices, CPU features, what is built, and the backend each op runs on.
+``subkern bench [--quick] [--device cpu|cuda|auto] [--threads N] [--out DIR] [--ops hamming]``
+    Benchmarks against the rivals (FAISS, the torch reference, ...): prints a table, writes
+    ``<family>_<device>[_quick].json`` (every raw timing, machine, versions, threads, date) and
+    ``.png`` (speedup chart) into ``--out``. Exit status 1 when a result does not match its rival
+    or an implementation failed, 2 for unusable arguments (e.g. ``--device cuda`` without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+DEFAULT_OUT = os.path.join("benchmarks", "results")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .bench import FAMILIES
+
+    parser = argparse.ArgumentParser(
+        prog="subkern", description="subkern: what is installed and which backend runs (info), "
+        "benchmarks against FAISS and the torch reference (bench)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, devices, CPU features, build, backends per op")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    bench = sub.add_parser("bench", help="benchmark against FAISS / the torch reference")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes (well under a minute on 2 cores), not the issue's")
+    bench.add_argument("--size", choices=("tiny", "quick", "full"), default=None,
+                       help=argparse.SUPPRESS)   # tiny: seconds, for the tests
+    bench.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                       help="auto: cuda when available, else cpu (default auto)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for every implementation (default: os.cpu_count())")
+    bench.add_argument("--out", default=DEFAULT_OUT,
+                       help=f"folder for the JSON and PNG (default {DEFAULT_OUT})")
+    bench.add_argument("--ops", default="hamming",
+                       help=f"comma-separated op families: {', '.join(FAMILIES)} (default hamming)")
+    bench.add_argument("--stat", choices=("best", "median"), default="best",
+                       help="repetition statistic in the table (default best; both in the JSON)")
+    bench.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    bench.add_argument("--cpu-isa", default="auto",
+                       help="ISA levels of the C++ CPU kernels to time, comma-separated from "
+                            "avx512, avx2, portable, or 'all' (default auto: the best one)")
+    bench.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return parser
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .bench import environment
+
+    info = environment.collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(environment.format_info(info))
+    return 0
+
+
+def _resolve_device(requested: str) -> tuple[str | None, str | None]:
+    from .bench import environment
+
+    reason = environment.cuda_unavailable_reason()
+    if requested == "auto":
+        return ("cuda" if reason is None else "cpu"), None
+    if requested == "cuda" and reason is not None:
+        return None, f"--device cuda: {reason}"
+    return requested, None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    from .bench import environment, family_module, harness, plot
+
+    device, problem = _resolve_device(args.device)
+    if problem is not None or device is None:
+        print(f"subkern bench: {problem}", file=sys.stderr)
+        return 2
+    size = args.size or ("quick" if args.quick else "full")
+    threads = args.threads if args.threads is not None else (os.cpu_count() or 1)
+    if threads < 1:
+        print("subkern bench: --threads must be >= 1", file=sys.stderr)
+        return 2
+    families = [name.strip() for name in args.ops.split(",") if name.strip()]
+    try:
+        modules = [family_module(name) for name in families]
+    except KeyError as err:
+        print(f"subkern bench: {err.args[0]}", file=sys.stderr)
+        return 2
+    isas = tuple(isa.strip() for isa in args.cpu_isa.split(",") if isa.strip()) or ("auto",)
+    config = harness.BenchConfig(device=device, size=size, threads=threads, stat=args.stat,
+                                 cpu_isas=isas, reps=args.reps,
+                                 log=lambda msg: print(msg, flush=True))
+    thread_state = harness.set_threads(threads)
+    status = 0
+    try:
+        machine = environment.collect()
+        print(f"subkern bench: device {device}, size {size}, {threads} threads "
+              f"(torch {thread_state['torch']}, faiss {thread_state.get('faiss')}), "
+              f"stat {args.stat}, out {args.out}", flush=True)
+        busy = environment.busy_warning()
+        if busy is not None:
+            print(f"WARNING: {busy}", flush=True)
+        for module in modules:
+            family_start = time.perf_counter()
+            result = module.run(config)
+            wall = time.perf_counter() - family_start
+            stem = harness.output_stem(result.family, device, size)
+            print()
+            print(f"== {module.DESCRIPTION} ({device}, {size}) ==")
+            print(harness.format_table(result.rows))
+            print(harness.TABLE_LEGEND)
+            for note in result.notes:
+                print(f"note: {note}")
+            for skipped in result.skipped:
+                print(f"skipped: {skipped['what']}: {skipped['reason']}")
+            for row in result.rows:
+                if not row.match:
+                    message = (f"!!! MISMATCH: {row.case} {row.ours} vs {row.rival}: "
+                               f"{row.match_detail}")
+                    print(message)
+                    print(message, file=sys.stderr)
+            for error in result.errors:
+                message = f"!!! ERROR: {error['what']}: {error['error']}"
+                print(message)
+                print(message, file=sys.stderr)
+            threads_info = {"requested": threads, **{k: v for k, v in thread_state.items()
+                                                     if not k.endswith("_before")}}
+            payload = harness.report_payload(result, config, machine, wall, threads_info)
+            json_path = harness.write_json(os.path.join(args.out, stem + ".json"), payload)
+            print(f"wrote {json_path}")
+            if not args.no_plot:
+                png_path = os.path.join(args.out, stem + ".png")
+                title = (f"subkern {result.family} on {device} ({size}): "
+                         f"{machine['cpu']['model'] if device == 'cpu' else _gpu_name(machine)}, "
+                         f"{threads} threads")
+                why = plot.plot_rows(result.rows, png_path, title)
+                print(f"wrote {png_path}" if why is None else f"no plot: {why}")
+            if not result.ok:
+                status = 1
+    finally:
+        harness.restore_threads(thread_state)
+    print(f"subkern bench wall time: {time.perf_counter() - started:.1f} s")
+    return status
+
+
+def _gpu_name(machine: dict) -> str:
+    devices = machine.get("cuda", {}).get("devices") or []
+    return devices[0]["name"] if devices else "GPU"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``subkern`` command; returns the exit status."""
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    if args.command == "info":
+        return _cmd_info(args)
+    return _cmd_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
