@@ -105,11 +105,13 @@ def unavailable_reason(backend: str, device: torch.device, op: str | None = None
 _AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     """The concrete backend that runs ``op`` for tensors on ``device``.
 
     ``supported`` lists the backends that implement ``op``. Explicit requests that cannot be met
     raise :class:`BackendUnavailableError`; ``auto`` takes the first available in preference order.
+    Under ``torch.compile`` the choice is made once, at trace time, and baked into the graph.
     """
     requested = get_backend()
     if requested != "auto":
