@@ -20,7 +20,6 @@ already installed; a build against another torch is refused at import time with 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import sys
@@ -148,7 +147,8 @@ def _build_ext_class():
             kind = "CPU + CUDA" if with_cuda else "CPU"
             _log(f"built subkern._C ({kind}) for torch {torch.__version__}")
 
-    return SubkernBuildExt.with_options(use_ninja=shutil.which("ninja") is not None or _ninja_module())
+    use_ninja = shutil.which("ninja") is not None or _ninja_module()
+    return SubkernBuildExt.with_options(use_ninja=use_ninja)
 
 
 def _ninja_module() -> bool:
@@ -167,7 +167,8 @@ def _ext_setup_kwargs() -> dict:
         import torch  # noqa: F401
     except ImportError:
         if BUILD_EXT == "1":
-            raise SystemExit("SUBKERN_BUILD_EXT=1 but torch is not importable at build time") from None
+            raise SystemExit("SUBKERN_BUILD_EXT=1 but torch is not importable at build time"
+                             ) from None
         _log("torch not importable at build time; installing without _C")
         return {}
     if not _have_cxx():
@@ -175,7 +176,10 @@ def _ext_setup_kwargs() -> dict:
             raise SystemExit("SUBKERN_BUILD_EXT=1 but no C++ compiler was found (set CXX)")
         _log("no C++ compiler found; installing without _C (reference + Triton backends only)")
         return {}
-    return {"ext_modules": _extensions(_cuda_wanted()), "cmdclass": {"build_ext": _build_ext_class()}}
+    return {
+        "ext_modules": _extensions(_cuda_wanted()),
+        "cmdclass": {"build_ext": _build_ext_class()},
+    }
 
 
 packages, package_dir = _packages()

@@ -43,7 +43,7 @@ def main() -> None:
           f"{1e3 * elapsed:.1f} ms; precision@10 (same cluster) = {precision:.3f}")
     print("nearest of query 0:", ids[0, :5].tolist(), "at distances", distances[0, :5].tolist())
 
-    # Codes are FAISS's layout (uint8 [n, nbits/8]): the same arrays work with faiss.IndexBinaryFlat.
+    # Codes are FAISS's layout (uint8 [n, nbits/8]): they work with faiss.IndexBinaryFlat as is.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "codes.skbi")
         index.save(path)  # atomic, versioned, checksummed

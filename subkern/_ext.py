@@ -64,12 +64,14 @@ def _load() -> ModuleType | None:
     try:
         module = importlib.import_module("subkern._C")
     except Exception as err:  # ImportError, OSError (undefined symbols), ...
-        _state["error"] = f"subkern._C failed to import ({type(err).__name__}: {err}); {REBUILD_HINT}"
+        _state["error"] = (f"subkern._C failed to import ({type(err).__name__}: {err}); "
+                           f"{REBUILD_HINT}")
         warnings.warn(_state["error"] + " (falling back to the reference/Triton kernels)",
                       RuntimeWarning, stacklevel=3)
         return None
     module_torch = getattr(module, "torch_version", lambda: None)()
-    if module_torch not in (None, "unknown") and module_torch.split("+")[0] != torch.__version__.split("+")[0]:
+    running = torch.__version__.split("+")[0]
+    if module_torch not in (None, "unknown") and module_torch.split("+")[0] != running:
         _state["error"] = (
             f"subkern._C reports torch {module_torch} but torch {torch.__version__} is running; "
             f"{REBUILD_HINT}"

@@ -40,7 +40,7 @@ def _validate(name: str, source: str) -> str:
 
 
 def get_backend() -> str:
-    """The requested backend: the innermost :func:`use_backend`, else ``SUBKERN_BACKEND``, else auto."""
+    """The requested backend: innermost :func:`use_backend`, else ``SUBKERN_BACKEND``, else auto."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
@@ -49,7 +49,7 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
-    """Force a backend inside a ``with`` block (thread-local), e.g. ``with use_backend("reference")``."""
+    """Force a backend inside a ``with`` block (thread-local): ``with use_backend("reference")``."""
     name = _validate(name, "backend")
     stack = getattr(_local, "stack", None)
     if stack is None:

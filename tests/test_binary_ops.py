@@ -1,4 +1,4 @@
-"""The public binary-code API: packing, input checks, reference semantics, dispatcher integration."""
+"""The public binary-code API: packing, input checks, reference semantics, dispatcher use."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_reference_distance_matches_numpy(nbytes):
 @pytest.mark.parametrize("n,k", [(1, 1), (50, 7), (5, 9), (300, 300), (257, 64)])
 def test_reference_topk_matches_brute_force(n, k):
     q, db = random_codes(13, 4, 3), random_codes(n, 4, 4)
-    db[n // 2:] = db[: n - n // 2].clone()  # duplicates -> ties that must resolve to the lower index
+    db[n // 2:] = db[: n - n // 2].clone()  # duplicates: ties must resolve to the lower index
     dist, idx = ref.hamming_topk(q, db, k)
     exp_d, exp_i = brute_force_topk(q, db, k)
     assert np.array_equal(dist.numpy(), exp_d) and np.array_equal(idx.numpy(), exp_i)

@@ -88,7 +88,7 @@ def _triton_topk_kernel(queries: torch.Tensor, database: torch.Tensor, k: int
 
 
 def register_device_fallbacks() -> None:
-    """Route CUDA tensors to Triton where ``_C`` brought no CUDA kernel (called after loading _C)."""
+    """Route CUDA tensors to Triton where ``_C`` brought no CUDA kernel (call after loading _C)."""
     if not has_kernel("hamming_distance", "CUDA") and _backend.triton_importable():
         LIB.impl("hamming_distance", _triton_distance_kernel, "CUDA")
     if not has_kernel("hamming_topk", "CUDA") and _backend.triton_importable():
