@@ -3,7 +3,7 @@
 Builds the optional extension ``subkern._C`` from ``csrc/`` with torch's extension tools:
 
 * the C++ CPU kernels (``csrc/_C.cpp``, ``csrc/cpu/*.cpp``) whenever a C++ compiler exists;
-* the CUDA kernels (``csrc/cuda/*.cu`` + ``csrc/cuda/bindings.cpp``) too when torch has CUDA and
+* the CUDA kernels (``csrc/cuda/*.cu`` + their bindings ``csrc/cuda/*.cpp``) too when torch has CUDA and
   ``nvcc`` is found.
 
 Switches (environment variables):
@@ -83,7 +83,7 @@ def _extensions(with_cuda: bool):
 
     macros = [("SUBKERN_TORCH_VERSION", torch.__version__)]
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings.cpp"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         macros.append(("SUBKERN_WITH_CUDA", "1"))
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         return [
