@@ -3,8 +3,8 @@
 Builds the optional extension ``subkern._C`` from ``csrc/`` with torch's extension tools:
 
 * the C++ CPU kernels (``csrc/_C.cpp``, ``csrc/cpu/*.cpp``) whenever a C++ compiler exists;
-* the CUDA kernels (``csrc/cuda/*.cu`` + their bindings ``csrc/cuda/*.cpp``) too when torch has CUDA and
-  ``nvcc`` is found.
+* the CUDA kernels (``csrc/cuda/*.cu`` + their bindings ``csrc/cuda/*.cpp``) too when torch has
+  CUDA and ``nvcc`` is found.
 
 Switches (environment variables):
 
