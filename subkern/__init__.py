@@ -1,8 +1,13 @@
 """subkern: fused kernels for sparse, masked and binary neural networks.
 
-Binary retrieval (this release): :func:`pack_bits`, :func:`unpack_bits`, :func:`hamming_distance`,
-:func:`hamming_topk` and :class:`BinaryIndex`. Every op has a torch reference, a C++ CPU kernel, a
-Triton kernel and a CUDA kernel; :func:`use_backend` / ``SUBKERN_BACKEND`` choose among them.
+* Binary retrieval: :func:`pack_bits`, :func:`unpack_bits`, :func:`hamming_distance`,
+  :func:`hamming_topk`, :class:`BinaryIndex`, sharded search.
+* Edge-popup: :func:`topk_mask`, :func:`topk_threshold`, :func:`topk_mask_batched`,
+  :func:`masked_linear`, :func:`masked_conv2d`; bit-packed supermask inference with
+  :func:`ternary_linear` and :mod:`subkern.deploy`.
+
+Every op has a torch reference, a C++ CPU kernel, a Triton kernel and, where it wins, a CUDA
+kernel; :func:`use_backend` / ``SUBKERN_BACKEND`` choose among them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 from . import ops  # noqa: F401  (defines the op schemas and loads subkern._C)
 from .backend import BackendUnavailableError, get_backend, use_backend
 from .ops.binary import hamming_distance, hamming_topk, pack_bits, unpack_bits
+from .ops.masked import masked_conv2d, masked_linear
+from .ops.ternary import pack_ternary, ternary_linear, unpack_ternary
+from .ops.topk_mask import kept_count, topk_mask, topk_mask_batched, topk_threshold
 from .retrieval import BinaryIndex, IndexFormatError, sharded_range_search, sharded_search
 from .version import __version__
 
@@ -26,4 +34,13 @@ __all__ = [
     "IndexFormatError",
     "sharded_search",
     "sharded_range_search",
+    "topk_mask",
+    "topk_threshold",
+    "topk_mask_batched",
+    "kept_count",
+    "masked_linear",
+    "masked_conv2d",
+    "ternary_linear",
+    "pack_ternary",
+    "unpack_ternary",
 ]

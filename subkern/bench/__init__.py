@@ -24,6 +24,9 @@ from types import ModuleType
 #: op family name -> module implementing ``run(config) -> BenchResult``.
 FAMILIES: dict[str, str] = {
     "hamming": "subkern.bench.hamming",
+    "topk_mask": "subkern.bench.topk_mask",
+    "masked_linear": "subkern.bench.masked",
+    "ternary": "subkern.bench.ternary",
 }
 
 

@@ -4,15 +4,26 @@ then loads ``subkern._C`` (which overrides the CPU/CUDA kernels) and fills devic
 from __future__ import annotations
 
 from .. import _ext
-from . import binary
+from . import binary, masked, ternary, topk_mask
 
 _ext.extension()
 binary.register_device_fallbacks()
+topk_mask.register_device_fallbacks()
+masked.register_device_fallbacks()
+ternary.register_device_fallbacks()
 
 #: op name -> the backends that implement it (for ``subkern info`` and the backend resolver).
 OPS: dict[str, tuple[str, ...]] = {
     "hamming_distance": binary.SUPPORTED_BACKENDS,
     "hamming_topk": binary.SUPPORTED_BACKENDS,
+    "topk_mask": topk_mask.SUPPORTED_BACKENDS,
+    "topk_threshold": topk_mask.SUPPORTED_BACKENDS,
+    "topk_mask_batched": topk_mask.SUPPORTED_BACKENDS,
+    "masked_linear_with_mask": masked.SUPPORTED_BACKENDS,
+    "masked_linear_backward": masked.SUPPORTED_BACKENDS,
+    "masked_conv2d_with_mask": masked.CONV_BACKENDS,
+    "masked_weight_grads": masked.CONV_BACKENDS,
+    "ternary_linear": ternary.SUPPORTED_BACKENDS,
 }
 
-__all__ = ["OPS", "binary"]
+__all__ = ["OPS", "binary", "masked", "ternary", "topk_mask"]

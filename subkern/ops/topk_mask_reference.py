@@ -24,7 +24,8 @@ def kept_count(numel: int, k: float) -> int:
 
 
 def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
-    """``|s|`` in float64 with NaN mapped below -inf... as a sortable key (larger = kept first)."""
+    """``|s|`` in float64 (exact for every float dtype) with NaN mapped to -1, below every
+    ``|s| >= 0``: a sortable key (larger = kept first)."""
     mag = scores.detach().abs().to(torch.float64).flatten()
     return torch.where(torch.isnan(mag), torch.full_like(mag, -1.0), mag)
 

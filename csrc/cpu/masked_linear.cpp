@@ -1,0 +1,299 @@
+// C++ CPU kernels of edge-popup's masked layers (schemas are defined in subkern/ops/masked.py):
+//
+//   masked_linear_with_mask(x [..., in], weight [out, in], scores, mask bool, bias?) -> y
+//       y = x @ (W * M)^T + b
+//   masked_linear_backward(grad_y, x, weight, scores, mask, output_mask) -> (gx, gs, gw)
+//       G = grad_y^T @ x (= dL/dW_eff);  gx = grad_y @ (W * M);  gs = G * W * sign(S);  gw = G * M
+//   masked_weight_grads(G, weight, scores, mask, need_weight) -> (gs, gw)   (the conv's epilogue)
+//
+// Design
+// ------
+// * W_eff = W * M is built in one multithreaded pass (multiplication, not selection, so a NaN or
+//   inf weight behaves as in the reference's `weight * mask`) into a thread-local buffer that is
+//   reused from call to call (no fresh pages to fault in), then the GEMM is ATen's (MKL/oneDNN):
+//   at::addmm / at::mm on the transposed view, no copy.
+// * Backward: G = grad_y^T @ x is one GEMM; then one pass over G writes grad_scores, grad_weight
+//   (when the weight requires grad) and, when grad_x is wanted, rebuilds W_eff into the reused
+//   buffer (it already reads W and M), and grad_x = grad_y @ W_eff is the last GEMM. When the
+//   weight does not require grad (edge-popup's case) grad_scores is written over G in place, so
+//   the backward allocates nothing beyond what dense F.linear's backward does. W_eff is rebuilt
+//   rather than kept from the forward: no second copy of the weight lives between the passes.
+// * sign(S) is (S > 0) - (S < 0): 0 for 0 and NaN, as torch.sign. Products are formed in the
+//   order autograd forms them, (G * W) * sign(S) and G * M, so float32/float64 results are
+//   bit-identical to autograd's for the same G; half types compute in float and round once.
+// * Threads: the elementwise passes run through at::TensorIterator::for_each, whose parallel_for
+//   is compiled inside libtorch: they run on torch's own intra-op (OpenMP) threads, the ones the
+//   GEMMs just used. (std::thread workers, as in hamming.cpp, measured 3-4x slower here: they
+//   compete with the OpenMP workers that keep spinning after each GEMM.) Chunks of kGrain elements
+//   keep small layers on the calling thread.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace subkern::cpu {
+namespace {
+
+// Elements per task of ATen's intra-op thread pool (TensorIterator::for_each -> parallel_for).
+constexpr int64_t kGrain = 1 << 15;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// sign(v) as (v > 0) - (v < 0): 0 for +-0 and NaN, as torch.sign.
+template <typename A>
+inline A sign_of(A v) {
+  return static_cast<A>((v > A(0)) - (v < A(0)));
+}
+
+// out = w * m over equally shaped contiguous tensors, one pass on ATen's thread pool.
+// The loop runs inside libtorch's TensorIterator::for_each, i.e. on torch's own (OpenMP) worker
+// threads: the same threads the GEMM just used, so nothing competes with spinning workers.
+template <typename T>
+void apply_mask(const at::Tensor& w, const at::Tensor& m, at::Tensor& out) {
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(w)
+                  .add_const_input(m)
+                  .check_all_same_dtype(false)
+                  .resize_outputs(false)
+                  .build();
+  iter.for_each(
+      [](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
+        using A = acc_t<T>;
+        for (int64_t j = 0; j < n1; ++j) {
+          char* po = data[0] + j * strides[3];
+          const char* pw = data[1] + j * strides[4];
+          const char* pm = data[2] + j * strides[5];
+          if (strides[0] == sizeof(T) && strides[1] == sizeof(T) && strides[2] == 1) {
+            T* __restrict o = reinterpret_cast<T*>(po);
+            const T* __restrict wv = reinterpret_cast<const T*>(pw);
+            const uint8_t* __restrict mv = reinterpret_cast<const uint8_t*>(pm);
+            for (int64_t i = 0; i < n0; ++i) {
+              o[i] = static_cast<T>(static_cast<A>(wv[i]) * static_cast<A>(mv[i]));
+            }
+          } else {
+            for (int64_t i = 0; i < n0; ++i) {
+              const A wi = static_cast<A>(*reinterpret_cast<const T*>(pw + i * strides[1]));
+              const A mi = static_cast<A>(*reinterpret_cast<const uint8_t*>(pm + i * strides[2]));
+              *reinterpret_cast<T*>(po + i * strides[0]) = static_cast<T>(wi * mi);
+            }
+          }
+        }
+      },
+      kGrain);
+}
+
+// One pass over G = dL/dW_eff (all tensors of one shape):
+//   gs = (g * w) * sign(s);  gw = g * m (when gw != nullptr);  weff = w * m (when weff != nullptr)
+// gs may be g itself (in place). weff lets the linear backward rebuild W * M for grad_x in the
+// same pass that already reads w and m.
+template <typename T>
+void weight_grads(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
+                  const at::Tensor& m, at::Tensor& gs, at::Tensor* gw, at::Tensor* weff) {
+  at::TensorIteratorConfig config;
+  config.add_output(gs);
+  if (gw != nullptr) config.add_output(*gw);
+  if (weff != nullptr) config.add_output(*weff);
+  config.add_const_input(g).add_const_input(w).add_const_input(s).add_const_input(m);
+  config.check_all_same_dtype(false).resize_outputs(false);
+  auto iter = config.build();
+  const bool with_w = gw != nullptr;
+  const bool with_eff = weff != nullptr;
+  // operand indices: outputs first (gs, [gw], [weff]), then g, w, s, m
+  const int i_gw = 1;
+  const int i_eff = with_w ? 2 : 1;
+  const int i_g = 1 + int(with_w) + int(with_eff);
+  const int nt = i_g + 4;
+  iter.for_each(
+      [=](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
+        using A = acc_t<T>;
+        const int64_t* outer = strides + nt;
+        bool contiguous = strides[i_g + 3] == 1;
+        for (int t = 0; t < nt; ++t) {
+          if (t != i_g + 3 && strides[t] != static_cast<int64_t>(sizeof(T))) contiguous = false;
+        }
+        for (int64_t j = 0; j < n1; ++j) {
+          char* p_gs = data[0] + j * outer[0];
+          char* p_gw = with_w ? data[i_gw] + j * outer[i_gw] : nullptr;
+          char* p_eff = with_eff ? data[i_eff] + j * outer[i_eff] : nullptr;
+          const char* p_g = data[i_g] + j * outer[i_g];
+          const char* p_w = data[i_g + 1] + j * outer[i_g + 1];
+          const char* p_s = data[i_g + 2] + j * outer[i_g + 2];
+          const char* p_m = data[i_g + 3] + j * outer[i_g + 3];
+          if (contiguous) {
+            T* vgs = reinterpret_cast<T*>(p_gs);  // may alias vg
+            const T* vg = reinterpret_cast<const T*>(p_g);
+            const T* __restrict vw = reinterpret_cast<const T*>(p_w);
+            const T* __restrict vs = reinterpret_cast<const T*>(p_s);
+            const uint8_t* __restrict vm = reinterpret_cast<const uint8_t*>(p_m);
+            if (with_eff) {
+              T* __restrict ve = reinterpret_cast<T*>(p_eff);
+              for (int64_t i = 0; i < n0; ++i) {
+                ve[i] = static_cast<T>(static_cast<A>(vw[i]) * static_cast<A>(vm[i]));
+              }
+            }
+            if (with_w) {
+              T* __restrict vgw = reinterpret_cast<T*>(p_gw);
+              for (int64_t i = 0; i < n0; ++i) {
+                vgw[i] = static_cast<T>(static_cast<A>(vg[i]) * static_cast<A>(vm[i]));
+              }
+            }
+            for (int64_t i = 0; i < n0; ++i) {
+              const A gw_prod = static_cast<A>(vg[i]) * static_cast<A>(vw[i]);
+              vgs[i] = static_cast<T>(static_cast<A>(static_cast<T>(gw_prod)) *
+                                      sign_of(static_cast<A>(vs[i])));
+            }
+          } else {
+            for (int64_t i = 0; i < n0; ++i) {
+              const A gi = static_cast<A>(*reinterpret_cast<const T*>(p_g + i * strides[i_g]));
+              const A wi =
+                  static_cast<A>(*reinterpret_cast<const T*>(p_w + i * strides[i_g + 1]));
+              const A si =
+                  static_cast<A>(*reinterpret_cast<const T*>(p_s + i * strides[i_g + 2]));
+              const A mi =
+                  static_cast<A>(*reinterpret_cast<const uint8_t*>(p_m + i * strides[i_g + 3]));
+              if (with_eff) {
+                *reinterpret_cast<T*>(p_eff + i * strides[i_eff]) = static_cast<T>(wi * mi);
+              }
+              if (with_w) {
+                *reinterpret_cast<T*>(p_gw + i * strides[i_gw]) = static_cast<T>(gi * mi);
+              }
+              *reinterpret_cast<T*>(p_gs + i * strides[0]) =
+                  static_cast<T>(static_cast<A>(static_cast<T>(gi * wi)) * sign_of(si));
+            }
+          }
+        }
+      },
+      kGrain);
+}
+
+// t [..., last] as a 2-D [rows, last] view/copy (well defined when last == 0, unlike reshape(-1)).
+at::Tensor flatten_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)});
+}
+
+void check_common(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& mask) {
+  TORCH_CHECK(weight.device().is_cpu(), "subkern masked ops (CPU kernel): weight must be on CPU");
+  TORCH_CHECK(scores.sizes() == weight.sizes(), "scores must have the shape of weight");
+  TORCH_CHECK(mask.sizes() == weight.sizes(), "mask must have the shape of weight");
+  TORCH_CHECK(scores.scalar_type() == weight.scalar_type(), "scores must have weight's dtype");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be a bool tensor");
+}
+
+// The calling thread's reusable W_eff buffer, shaped as w (valid until this thread's next call;
+// nothing returned to the caller aliases it).
+at::Tensor weight_buffer(const at::Tensor& w) {
+  thread_local at::Tensor buffer;
+  const int64_t n = w.numel();
+  if (!buffer.defined() || buffer.scalar_type() != w.scalar_type() || buffer.numel() < n) {
+    buffer = at::empty({n}, w.options());
+  }
+  return buffer.narrow(0, 0, n).view(w.sizes());
+}
+
+// W * M into the reusable buffer.
+at::Tensor effective_weight(const at::Tensor& weight, const at::Tensor& mask) {
+  const auto w = weight.contiguous();
+  const auto m = mask.contiguous();
+  at::Tensor out = weight_buffer(w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "apply_mask",
+                                  [&] { apply_mask<scalar_t>(w, m, out); });
+  return out;
+}
+
+at::Tensor masked_linear_with_mask_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& scores, const at::Tensor& mask,
+                                       const std::optional<at::Tensor>& bias) {
+  check_common(weight, scores, mask);
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features]");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "x's last dimension must be in_features");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x must have weight's dtype");
+  const int64_t out_features = weight.size(0);
+  const at::Tensor w_eff = effective_weight(weight, mask);
+  const at::Tensor x2 = flatten_rows(x);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [out_features]");
+    y = at::addmm(*bias, x2, w_eff.t());
+  } else {
+    y = at::mm(x2, w_eff.t());
+  }
+  return y.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_weight_grads_cpu(const at::Tensor& grad_weff,
+                                                           const at::Tensor& weight,
+                                                           const at::Tensor& scores,
+                                                           const at::Tensor& mask,
+                                                           bool need_weight) {
+  check_common(weight, scores, mask);
+  TORCH_CHECK(grad_weff.sizes() == weight.sizes(), "grad_weff must have the shape of weight");
+  TORCH_CHECK(grad_weff.scalar_type() == weight.scalar_type(), "grad_weff must have weight's dtype");
+  const auto g = grad_weff.contiguous();
+  const auto w = weight.contiguous();
+  const auto s = scores.contiguous();
+  const auto m = mask.contiguous();
+  at::Tensor gs = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor gw = need_weight ? at::empty_like(w, at::MemoryFormat::Contiguous)
+                              : at::empty({0}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "weight_grads",
+                                  [&] {
+    weight_grads<scalar_t>(g, w, s, m, gs, need_weight ? &gw : nullptr, nullptr);
+  });
+  return {gs, gw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& scores, const at::Tensor& mask, std::array<bool, 3> output_mask) {
+  check_common(weight, scores, mask);
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features]");
+  const bool need_x = output_mask[0], need_s = output_mask[1], need_w = output_mask[2];
+  // a gradient not asked for is a fresh empty tensor (outputs must not alias each other)
+  auto empty = [&] { return at::empty({0}, weight.options()); };
+  const at::Tensor g2 = flatten_rows(grad_y);
+  at::Tensor gx = empty(), gs = empty(), gw = empty();
+  if (need_s || need_w) {
+    at::Tensor g = at::mm(g2.t(), flatten_rows(x));  // G = dL/dW_eff [out, in]
+    const auto w = weight.contiguous();
+    const auto s = scores.contiguous();
+    const auto m = mask.contiguous();
+    if (need_w) gw = at::empty_like(w, at::MemoryFormat::Contiguous);
+    // without a weight grad, grad_scores overwrites G (same element, read before written)
+    gs = need_w ? at::empty_like(w, at::MemoryFormat::Contiguous) : g;
+    // with grad_x too, the same pass rebuilds W * M into the reused buffer
+    at::Tensor w_eff = need_x ? weight_buffer(w) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "weight_grads",
+                                    [&] {
+      weight_grads<scalar_t>(g, w, s, m, gs, need_w ? &gw : nullptr,
+                             need_x ? &w_eff : nullptr);
+    });
+    if (need_x) gx = at::mm(g2, w_eff).view(x.sizes());
+    if (!need_s) gs = empty();
+  } else if (need_x) {
+    gx = at::mm(g2, effective_weight(weight, mask)).view(x.sizes());
+  }
+  return {gx, gs, gw};
+}
+
+}  // namespace
+}  // namespace subkern::cpu
+
+TORCH_LIBRARY_IMPL(subkern, CPU, m) {
+  m.impl("masked_linear_with_mask", &subkern::cpu::masked_linear_with_mask_cpu);
+  m.impl("masked_linear_backward", &subkern::cpu::masked_linear_backward_cpu);
+  m.impl("masked_weight_grads", &subkern::cpu::masked_weight_grads_cpu);
+}

@@ -1,0 +1,409 @@
+"""masked_linear / masked_conv2d: forward and gradients against plain autograd on the official
+edge-popup formulation ``W * GetSubnet(|S|, k)`` (straight-through), on the reference and C++
+backends; op registration (opcheck), torch.compile, gradcheck and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import subkern  # noqa: F401  (loads subkern._C)
+from subkern import backend as _backend
+from subkern.ops import masked as mk
+from subkern.ops.topk_mask_reference import kept_count
+
+CPU_BACKENDS = ["reference"] + (
+    ["cpp"] if _backend.unavailable_reason("cpp", torch.device("cpu"),
+                                           "masked_linear_with_mask") is None else [])
+
+
+def _official(x, weight, scores, k, bias=None):
+    """The official code, verbatim in spirit: GetSubnet on |S| with an identity backward."""
+
+    class GetSubnet(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, abs_scores, kk):
+            out = abs_scores.clone()
+            n = abs_scores.numel()
+            j = n - kept_count(n, kk)
+            # ties to the lower flat index (subkern's deterministic rule): stable sort ascending
+            # by (|s|, -index) i.e. descending order of the kept ranking, reversed
+            flat = abs_scores.flatten().double()
+            flat = torch.where(flat.isnan(), -1.0, flat)   # NaN ranks below every number
+            order = torch.sort(flat, descending=True, stable=True).indices.flip(0)
+            flat_out = out.flatten()
+            flat_out[order[:j]] = 0
+            flat_out[order[j:]] = 1
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    return F.linear(x, weight * GetSubnet.apply(scores.abs(), k), bias)
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+
+
+def _grads(out, inputs, gy):
+    out.backward(gy)
+    return [None if t is None or t.grad is None else t.grad for t in inputs]
+
+
+def _close(a, b, dtype):
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2,
+           torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def _case(shape_x, out_f, dtype=torch.float64, bias=True):
+    in_f = shape_x[-1]
+    x = torch.randn(*shape_x, dtype=dtype)
+    w = torch.randn(out_f, in_f, dtype=dtype)
+    s = torch.randn(out_f, in_f, dtype=dtype)
+    b = torch.randn(out_f, dtype=dtype) if bias else None
+    return x, w, s, b
+
+
+# --------------------------------------------------------------------------------------------
+# linear: parity with the official formulation
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("shape_x", "out_f", "k", "bias"), [
+    ((5, 47), 33, 0.3, True),
+    ((1, 8), 1, 1.0, False),
+    ((2, 3, 17), 9, 0.5, True),
+    ((12,), 7, 0.05, True),          # 1-D x (no batch), tiny k keeps 1 weight
+    ((123, 64), 40, 0.77, False),
+])
+def test_linear_matches_official(backend, shape_x, out_f, k, bias):
+    x, w, s, b = _case(shape_x, out_f, bias=bias)
+    gy = torch.randn(*shape_x[:-1], out_f, dtype=torch.float64)
+    ref_in = _leaves(x, w, s, b)
+    ref = _official(*ref_in[:3], k, ref_in[3])
+    ref_g = _grads(ref, ref_in, gy)
+    ours_in = _leaves(x, w, s, b)
+    with subkern.use_backend(backend):
+        out = mk.masked_linear(ours_in[0], ours_in[1], ours_in[2], k, ours_in[3])
+    ours_g = _grads(out, ours_in, gy)
+    _close(out, ref, torch.float64)
+    for got, want in zip(ours_g, ref_g, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            _close(got, want, torch.float64)
+    # also the reference helper of the module (used by benchmarks) agrees
+    _close(mk.reference_masked_linear(x, w, s, k, b), ref.detach(), torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_weight_grad_only_when_required(backend):
+    x, w, s, b = _case((6, 20), 10, dtype=torch.float32)
+    x.requires_grad_()
+    s.requires_grad_()
+    with subkern.use_backend(backend):
+        mk.masked_linear(x, w, s, 0.4, b).sum().backward()
+    assert w.grad is None and b.grad is None
+    assert x.grad is not None and s.grad is not None
+    # only the scores: still correct
+    s2 = s.detach().clone().requires_grad_()
+    with subkern.use_backend(backend):
+        mk.masked_linear(x.detach(), w, s2, 0.4, b).sum().backward()
+    _close(s2.grad, s.grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_linear_low_precision(backend, dtype):
+    x, w, s, b = _case((7, 3, 40), 24, dtype=dtype)
+    gy = torch.randn(7, 3, 24, dtype=dtype)
+    ref_in = _leaves(*(t.double() for t in (x, w, s, b)))
+    ref = _official(*ref_in[:3], 0.6, ref_in[3])
+    ref_g = _grads(ref, ref_in, gy.double())
+    ours_in = _leaves(x, w, s, b)
+    with subkern.use_backend(backend):
+        out = mk.masked_linear(ours_in[0], ours_in[1], ours_in[2], 0.6, ours_in[3])
+    ours_g = _grads(out, ours_in, gy)
+    assert out.dtype == dtype
+    _close(out.double(), ref, dtype)
+    for got, want in zip(ours_g, ref_g, strict=True):
+        assert got.dtype == dtype
+        scale = max(1.0, float(want.abs().max()))
+        _close(got.double() / scale, want / scale, dtype)
+
+
+def test_cpp_bit_identical_epilogue():
+    """float32: grad_scores = (G * W) * sign(S) and grad_weight = G * M exactly as autograd."""
+    g = torch.randn(31, 45)
+    w = torch.randn(31, 45)
+    s = torch.randn(31, 45)
+    s[0, :5] = 0.0
+    s[1, :3] = float("nan")
+    m = torch.rand(31, 45) > 0.5
+    gs, gw = torch.ops.subkern.masked_weight_grads(g, w, s, m, True)
+    assert torch.equal(gs, g * w * torch.sign(s))
+    assert torch.equal(gw, g * m.float())
+    gs2, gw2 = torch.ops.subkern.masked_weight_grads(g, w, s, m, False)
+    assert torch.equal(gs2, gs) and gw2.numel() == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_non_contiguous(backend):
+    x, w, s, b = _case((9, 30), 14)
+    xt = torch.randn(30, 9, dtype=torch.float64).t()          # non-contiguous x
+    wt = w.t().contiguous().t()                                 # transposed storage
+    st = torch.randn(14, 60, dtype=torch.float64)[:, ::2]      # strided scores
+    gy = torch.randn(9, 14, dtype=torch.float64)
+    ref_in = _leaves(xt, wt, st, b)
+    ref_g = _grads(_official(*ref_in[:3], 0.5, ref_in[3]), ref_in, gy)
+    ours_in = [xt.detach().requires_grad_(), wt.detach().requires_grad_(),
+               st.detach().requires_grad_(), b.detach().clone().requires_grad_()]
+    with subkern.use_backend(backend):
+        out = mk.masked_linear(*ours_in[:3], 0.5, ours_in[3])
+    for got, want in zip(_grads(out, ours_in, gy), ref_g, strict=True):
+        _close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_ties_and_nan(backend):
+    x, w, _, b = _case((4, 16), 8)
+    s = torch.zeros(8, 16, dtype=torch.float64)
+    s[::2] = 1.0                                     # many ties
+    s[0, 0] = float("nan")                           # NaN ranks last, gradient 0
+    s[3, 3] = -0.0
+    gy = torch.randn(4, 8, dtype=torch.float64)
+    for k in (0.25, 0.5, 0.9):
+        ref_in = _leaves(x, w, s, b)
+        ref_g = _grads(_official(*ref_in[:3], k, ref_in[3]), ref_in, gy)
+        ours_in = _leaves(x, w, s, b)
+        with subkern.use_backend(backend):
+            out = mk.masked_linear(*ours_in[:3], k, ours_in[3])
+        for got, want in zip(_grads(out, ours_in, gy), ref_g, strict=True):
+            _close(got, want, torch.float64)
+        assert ours_in[2].grad[0, 0] == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_empty(backend):
+    w = torch.randn(6, 5, requires_grad=True)
+    s = torch.randn(6, 5, requires_grad=True)
+    x = torch.randn(0, 5, requires_grad=True)
+    with subkern.use_backend(backend):
+        y = mk.masked_linear(x, w, s, 0.5)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert torch.equal(s.grad, torch.zeros(6, 5)) and torch.equal(w.grad, torch.zeros(6, 5))
+    # zero in_features: y = bias
+    b = torch.randn(3)
+    with subkern.use_backend(backend):
+        y = mk.masked_linear(torch.randn(4, 0), torch.randn(3, 0), torch.randn(3, 0), 0.5, b)
+    assert torch.equal(y, b.expand(4, 3))
+
+
+def test_with_mask_matches_k_form():
+    x, w, s, b = _case((5, 21), 11, dtype=torch.float32)
+    m = mk.select_mask(s, 0.35)
+    assert int(m.sum()) == kept_count(s.numel(), 0.35)
+    torch.testing.assert_close(mk.masked_linear_with_mask(x, w, s, m, b),
+                               mk.masked_linear(x, w, s, 0.35, b))
+    torch.testing.assert_close(torch.ops.subkern.masked_linear(x, w, s, 0.35, b),
+                               F.linear(x, w * m, b))
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d
+# --------------------------------------------------------------------------------------------
+
+def _official_conv(x, w, s, k, b, stride, padding, dilation, groups):
+    mask = mk.select_mask(s, k).to(w.dtype)
+    w_eff = w * (mask + s.abs() - s.abs().detach())  # straight-through through |S|
+    return F.conv2d(x, w_eff, b, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("cin", "cout", "ksz", "stride", "padding", "dilation", "groups", "bias"),
+                         [(3, 5, 3, 1, 1, 1, 1, True), (4, 6, 3, 2, 0, 1, 2, False),
+                          (2, 4, (3, 1), (1, 2), (2, 0), (2, 1), 1, True)])
+def test_conv_matches_official(backend, cin, cout, ksz, stride, padding, dilation, groups, bias):
+    kh, kw = (ksz, ksz) if isinstance(ksz, int) else ksz
+    x = torch.randn(2, cin, 9, 8, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, kh, kw, dtype=torch.float64)
+    s = torch.randn_like(w)
+    b = torch.randn(cout, dtype=torch.float64) if bias else None
+    ref_in = _leaves(x, w, s, b)
+    ref = _official_conv(*ref_in[:3], 0.4, ref_in[3], stride, padding, dilation, groups)
+    gy = torch.randn_like(ref)
+    ref_g = _grads(ref, ref_in, gy)
+    ours_in = _leaves(x, w, s, b)
+    with subkern.use_backend(backend):
+        out = mk.masked_conv2d(*ours_in[:3], 0.4, ours_in[3], stride, padding, dilation, groups)
+    _close(out, ref, torch.float64)
+    for got, want in zip(_grads(out, ours_in, gy), ref_g, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            _close(got, want, torch.float64)
+
+
+def test_conv_weight_frozen_and_unbatched():
+    x = torch.randn(3, 7, 7, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3)
+    s = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = mk.masked_conv2d(x, w, s, 0.5, padding=1)
+    assert y.shape == (4, 7, 7)
+    y.sum().backward()
+    assert w.grad is None and s.grad is not None and x.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# registration: gradcheck, opcheck, torch.compile
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_linear(backend):
+    # the output does not depend continuously on the scores (a mask); their straight-through
+    # gradient is checked against autograd above. x, weight and bias: numerical gradcheck.
+    x, w, s, b = _case((3, 2, 6), 5)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x_, w_, b_):
+        with subkern.use_backend(backend):
+            return mk.masked_linear(x_, w_, s, 0.5, b_)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_gradcheck_conv():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x_, w_, b_: mk.masked_conv2d(x_, w_, s, 0.6, b_, stride=2, padding=1), (x, w, b))
+
+
+def _linear_samples():
+    out = []
+    for shape_x, out_f, bias in [((5, 12), 7, True), ((2, 3, 9), 4, False)]:
+        x, w, s, b = _case(shape_x, out_f, dtype=torch.float32, bias=bias)
+        for t in (x, w, s, b):
+            if t is not None:
+                t.requires_grad_()
+        out.append((x, w, s, mk.select_mask(s, 0.5), b))
+    return out
+
+
+def test_opcheck_linear():
+    for x, w, s, m, b in _linear_samples():
+        torch.library.opcheck(torch.ops.subkern.masked_linear_with_mask, (x, w, s, m, b))
+        torch.library.opcheck(torch.ops.subkern.masked_linear, (x, w, s, 0.5, b))
+        gy = torch.randn(*x.shape[:-1], w.shape[0])
+        args = (gy, x.detach(), w.detach(), s.detach(), m, [True, True, True])
+        torch.library.opcheck(torch.ops.subkern.masked_linear_backward, args)
+        torch.library.opcheck(torch.ops.subkern.masked_linear_backward,
+                              (*args[:5], [False, True, False]))
+        g = torch.randn(w.shape)
+        torch.library.opcheck(torch.ops.subkern.masked_weight_grads,
+                              (g, w.detach(), s.detach(), m, True))
+
+
+def test_opcheck_conv():
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    s = torch.randn(6, 2, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    m = mk.select_mask(s, 0.5)
+    torch.library.opcheck(torch.ops.subkern.masked_conv2d_with_mask,
+                          (x, w, s, m, b, [1, 2], [1, 0], [1, 1], 2))
+    torch.library.opcheck(torch.ops.subkern.masked_conv2d, (x, w, s, 0.5, b, [1, 1], [1, 1],
+                                                            [1, 1], 2))
+
+
+def test_compile_fullgraph():
+    x, w, s, b = _case((2, 5, 16), 12, dtype=torch.float32)
+    xc = torch.randn(1, 3, 6, 6)
+    wc = torch.randn(4, 3, 3, 3)
+
+    def step(x_, s_, sc_):
+        y = mk.masked_linear(x_, w, s_, 0.5, b)
+        z = mk.masked_conv2d(xc, wc, sc_, 0.3, padding=1)
+        return y.square().sum() + z.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves_eager = _leaves(x, s, torch.randn(4, 3, 3, 3))
+    leaves_comp = _leaves(*leaves_eager)
+    step(*leaves_eager).backward()
+    compiled(*leaves_comp).backward()
+    for a, c in zip(leaves_eager, leaves_comp, strict=True):
+        torch.testing.assert_close(c.grad, a.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0, 0.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_bad_k(k):
+    x, w, s, b = _case((2, 4), 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"k must be in \(0, 1\]"):
+        mk.masked_linear(x, w, s, k, b)
+    with pytest.raises(ValueError, match=r"k must be in \(0, 1\]"):
+        mk.masked_conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1),
+                         torch.randn(3, 2, 1, 1), k)
+
+
+@pytest.mark.parametrize("k", [True, "0.5", None])
+def test_bad_k_type(k):
+    x, w, s, b = _case((2, 4), 3, dtype=torch.float32)
+    with pytest.raises(TypeError, match="k must be a float"):
+        mk.masked_linear(x, w, s, k, b)
+
+
+def test_bad_shapes_dtypes_devices():
+    x, w, s, b = _case((2, 4), 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="scores must have the shape of weight"):
+        mk.masked_linear(x, w, s[:, :3], 0.5)
+    with pytest.raises(ValueError, match="last dimension must be in_features = 4"):
+        mk.masked_linear(torch.randn(2, 5), w, s, 0.5)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        mk.masked_linear(x, w[0], s[0], 0.5)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        mk.masked_linear(x, w, s, 0.5, torch.randn(4))
+    with pytest.raises(TypeError, match="scores must have the dtype of x"):
+        mk.masked_linear(x, w, s.double(), 0.5)
+    with pytest.raises(TypeError, match="weight must have the dtype of x"):
+        mk.masked_linear(x.double(), w, s.double(), 0.5)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        mk.masked_linear(x.long(), w.long(), s.long(), 0.5)
+    with pytest.raises(ValueError, match="same device"):
+        mk.masked_linear(x, w.to("meta"), s, 0.5)
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        mk.masked_linear_with_mask(x, w, s, (s > 0).float())
+    with pytest.raises(ValueError, match="mask must have the shape of weight"):
+        mk.masked_linear_with_mask(x, w, s, torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        mk.masked_linear([1.0], w, s, 0.5)
+    with pytest.raises(ValueError, match="channels"):
+        mk.masked_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 2, 1, 1),
+                         torch.randn(2, 2, 1, 1), 0.5)
+    with pytest.raises(ValueError, match="stride must be"):
+        mk.masked_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 1, 1),
+                         torch.randn(2, 2, 1, 1), 0.5, stride=(1, 2, 3))
+
+
+def test_bench_family_tiny():
+    """`subkern bench --ops masked_linear` machinery: every timed result matches the reference."""
+    from subkern.bench import harness
+    from subkern.bench import masked as bench_masked
+
+    result = bench_masked.run(harness.BenchConfig(device="cpu", size="tiny", log=lambda _: None))
+    assert not result.errors and result.rows
+    assert all(row.match for row in result.rows), [row.match_detail for row in result.rows]
+    assert {row.rival for row in result.rows} == {"reference (sort+mul+F.linear+autograd)",
+                                                  "dense F.linear fwd+bwd"}

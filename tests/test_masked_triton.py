@@ -1,0 +1,138 @@
+"""Triton masked-matmul kernels (kernels/masked_matmul.py) against the reference, on small ragged
+shapes: under the Triton interpreter without a GPU (fp32, fp16, fp64), compiled on a GPU
+(adds bf16 and the dispatcher's CUDA route)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import subkern
+from subkern import backend as _backend
+from subkern.ops import masked as mk
+
+pytestmark = pytest.mark.skipif(
+    _backend.unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available()
+                                                       else "cpu")) is not None,
+    reason="triton cannot run here (not installed, or no GPU and TRITON_INTERPRET unset)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def _data(shape_x, out_f, dtype, bias=True, device=DEVICE):
+    in_f = shape_x[-1]
+    x = torch.randn(*shape_x, dtype=dtype, device=device)
+    w = torch.randn(out_f, in_f, dtype=dtype, device=device)
+    s = torch.randn(out_f, in_f, dtype=dtype, device=device)
+    b = torch.randn(out_f, dtype=dtype, device=device) if bias else None
+    return x, w, s, b
+
+
+def _reference(x, w, s, b, mask, gy, need):
+    """Forward and (grad_x, grad_scores, grad_weight) in float64 by plain autograd."""
+    xr, wr, sr = (t.double().detach().requires_grad_() for t in (x, w, s))
+    br = b.double() if b is not None else None
+    y = F.linear(xr, wr * (mask.double() + sr.abs() - sr.abs().detach()), br)
+    y.backward(gy.double())
+    return y.detach(), (xr.grad, sr.grad, wr.grad)
+
+
+def _check(got, want, dtype):
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got.double() / scale, want / scale, rtol=TOL[dtype],
+                               atol=TOL[dtype])
+
+
+def _dtypes():
+    out = [torch.float32, torch.float16]
+    if DEVICE == "cuda":
+        out.append(torch.bfloat16)
+    else:
+        out.append(torch.float64)  # interpreter only (fp64 dot on GPU is slow and not our target)
+    return out
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize(("shape_x", "out_f", "bias", "need"), [
+    ((5, 47), 33, True, (True, True, True)),
+    ((2, 3, 20), 17, False, (True, True, False)),
+    ((1, 16), 1, True, (False, True, False)),
+])
+def test_kernels_match_reference(dtype, shape_x, out_f, bias, need):
+    from subkern.kernels import masked_matmul
+
+    x, w, s, b = _data(shape_x, out_f, dtype, bias)
+    mask = mk.select_mask(s, 0.4)
+    gy = torch.randn(*shape_x[:-1], out_f, dtype=dtype, device=DEVICE)
+    y_ref, grads_ref = _reference(x, w, s, b, mask, gy, need)
+    y = masked_matmul.masked_linear_forward(x, w, mask, b)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    _check(y, y_ref, dtype)
+    grads = masked_matmul.masked_linear_backward(gy, x, w, s, mask, need)
+    for flag, got, want in zip(need, grads, grads_ref, strict=True):
+        if flag:
+            assert got.shape == want.shape and got.dtype == dtype
+            _check(got, want, dtype)
+        else:
+            assert got.numel() == 0
+
+
+def test_public_api_triton_backend_autograd():
+    x, w, s, b = _data((5, 47), 33, torch.float32)
+    for t in (x, s, b):
+        t.requires_grad_()
+    gy = torch.randn(5, 33, device=DEVICE)
+    with subkern.use_backend("triton"):
+        y = mk.masked_linear(x, w, s, 0.3, b)
+    y.backward(gy)
+    xr, sr, br = (t.detach().clone().requires_grad_() for t in (x, s, b))
+    with subkern.use_backend("reference"):
+        mk.masked_linear(xr, w, sr, 0.3, br).backward(gy)
+    torch.testing.assert_close(y, mk.reference_masked_linear(x, w, s, 0.3, b),
+                               rtol=2e-4, atol=2e-4)
+    for got, want in ((x.grad, xr.grad), (s.grad, sr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    assert w.grad is None
+
+
+def test_non_contiguous_and_empty():
+    from subkern.kernels import masked_matmul
+
+    w = torch.randn(20, 13, device=DEVICE)
+    s = torch.randn(20, 13, device=DEVICE)
+    mask = mk.select_mask(s, 0.5)
+    x = torch.randn(13, 6, device=DEVICE).t()            # non-contiguous rows
+    wt = torch.randn(13, 20, device=DEVICE).t()          # transposed weight storage
+    y = masked_matmul.masked_linear_forward(x, wt, mask)
+    torch.testing.assert_close(y, F.linear(x, wt * mask), rtol=2e-4, atol=2e-4)
+    gy = torch.randn(20, 6, device=DEVICE).t()
+    gx, gs, gw = masked_matmul.masked_linear_backward(gy, x, wt, s, mask, (True, True, True))
+    g = gy.t() @ x
+    torch.testing.assert_close(gx, gy @ (wt * mask), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(gs, g * wt * torch.sign(s), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(gw, g * mask, rtol=2e-4, atol=2e-4)
+    # no tokens: empty output, zero weight-side gradients
+    x0 = torch.randn(0, 13, device=DEVICE)
+    assert masked_matmul.masked_linear_forward(x0, w, mask).shape == (0, 20)
+    gx, gs, gw = masked_matmul.masked_linear_backward(torch.randn(0, 20, device=DEVICE), x0, w,
+                                                      s, mask, (True, True, True))
+    assert gx.shape == (0, 13)
+    assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.gpu
+def test_cuda_dispatch_route():
+    """On CUDA the op's kernel is Triton (dispatcher), with autograd through the backward op."""
+    x, w, s, b = _data((64, 96), 80, torch.float16, device="cuda")
+    x.requires_grad_()
+    s.requires_grad_()
+    y = mk.masked_linear(x, w, s, 0.5, b)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    mask = mk.select_mask(s, 0.5)
+    y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
+    _check(y, y_ref, torch.float16)
+    _check(x.grad, gx_ref, torch.float16)
+    _check(s.grad, gs_ref, torch.float16)
