@@ -12,17 +12,23 @@ kernel; :func:`use_backend` / ``SUBKERN_BACKEND`` choose among them.
 
 from __future__ import annotations
 
-from . import ops  # noqa: F401  (defines the op schemas and loads subkern._C)
+from . import ops  # noqa: F401  (first: defines the op schemas and loads subkern._C)
+
+# isort: split
+from . import deploy, nn
 from .backend import BackendUnavailableError, get_backend, use_backend
 from .ops.binary import hamming_distance, hamming_topk, pack_bits, unpack_bits
 from .ops.masked import masked_conv2d, masked_linear
 from .ops.ternary import pack_ternary, ternary_linear, unpack_ternary
 from .ops.topk_mask import kept_count, topk_mask, topk_mask_batched, topk_threshold
 from .retrieval import BinaryIndex, IndexFormatError, sharded_range_search, sharded_search
+from .sparsify import EdgePopupConfig, SparsifyConfig, get_config, register_method, sparsify_
 from .version import __version__
 
 __all__ = [
     "__version__",
+    "deploy",
+    "nn",
     "BackendUnavailableError",
     "get_backend",
     "use_backend",
@@ -43,4 +49,9 @@ __all__ = [
     "ternary_linear",
     "pack_ternary",
     "unpack_ternary",
+    "sparsify_",
+    "SparsifyConfig",
+    "EdgePopupConfig",
+    "register_method",
+    "get_config",
 ]

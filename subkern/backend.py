@@ -105,7 +105,6 @@ def unavailable_reason(backend: str, device: torch.device, op: str | None = None
 _AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     """The concrete backend that runs ``op`` for tensors on ``device``.
 
@@ -127,3 +126,10 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
         if candidate in supported and unavailable_reason(candidate, device, op) is None:
             return candidate
     return "reference"
+
+
+# Under torch.compile, resolve() runs once at trace time and its answer is baked into the graph
+# (what ``torch.compiler.assume_constant_result`` does). The marker is set directly because that
+# decorator imports torch._dynamo, which costs about a second at ``import subkern``;
+# tests/test_binary_ops.py checks that fullgraph compilation still works.
+resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]

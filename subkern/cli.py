@@ -7,6 +7,12 @@
     ``<family>_<device>[_quick].json`` (every raw timing, machine, versions, threads, date) and
     ``.png`` (speedup chart) into ``--out``. Exit status 1 when a result does not match its rival
     or an implementation failed, 2 for unusable arguments (e.g. ``--device cuda`` without CUDA).
+``subkern train edgepopup [--data digits|mnist|cifar10] [--data-dir DIR] [--model fc] [--k 0.5]
+[--init signed_constant] [--epochs N] [--lr 0.1] [--batch-size 128] [--seed 0] [--out DIR]
+[--resume CKPT] [--dense-baseline] [--device auto|cpu|cuda]``
+    Edge-popup reference training (subkern.methods.edgepopup) with a progress bar, a checkpoint
+    every epoch (``--out``) and resume; multi-GPU / multi-node through ``torchrun -m subkern.cli``.
+    Exit status 2 for unusable arguments, data or checkpoints.
 """
 
 from __future__ import annotations
@@ -51,7 +57,53 @@ def _parser() -> argparse.ArgumentParser:
                        help="ISA levels of the C++ CPU kernels to time, comma-separated from "
                             "avx512, avx2, portable, or 'all' (default auto: the best one)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    _add_train_parser(sub)
     return parser
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from .data import DATASETS
+    from .methods.edgepopup.models import MODELS
+    from .methods.edgepopup.recipe import DIGITS_EPOCHS, PAPER_EPOCHS
+    from .nn.init import INIT_MODES
+
+    train = sub.add_parser("train", help="reference training of a sparse method")
+    methods = train.add_subparsers(dest="method", required=True)
+    ep = methods.add_parser(
+        "edgepopup", help="edge-popup: train the scores of a frozen random network",
+        description="Edge-popup (Ramanujan et al., 2020): find a subnetwork of a randomly "
+        "weighted network by training one score per weight; only scores train.")
+    ep.add_argument("--data", choices=DATASETS, default="digits",
+                    help="digits (embedded, default), or mnist / cifar10 from --data-dir")
+    ep.add_argument("--data-dir", default=None, help="folder with the MNIST / CIFAR-10 files")
+    ep.add_argument("--model", choices=tuple(MODELS), default="fc", help="architecture (fc)")
+    ep.add_argument("--width-mult", type=float, default=1.0,
+                    help="scale every layer's width (1.0: the paper's)")
+    ep.add_argument("--k", type=float, default=0.5, help="fraction of weights kept (0.5)")
+    ep.add_argument("--init", choices=INIT_MODES, default="signed_constant",
+                    help="weight init (signed_constant)")
+    ep.add_argument("--scale-fan", action="store_true", help="scaled init: std / sqrt(k)")
+    ep.add_argument("--epochs", type=int, default=None,
+                    help=f"default {DIGITS_EPOCHS} on digits, {PAPER_EPOCHS} otherwise")
+    ep.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1), cosine")
+    ep.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    ep.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
+    ep.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    ep.add_argument("--label-smoothing", type=float, default=0.0, help="(0.0)")
+    ep.add_argument("--batch-size", type=int, default=128, help="global batch size (128)")
+    ep.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    ep.add_argument("--out", default=None, help="folder for checkpoint.pt and result.json")
+    ep.add_argument("--resume", default=None,
+                    help="continue from a checkpoint file (or a folder holding checkpoint.pt)")
+    ep.add_argument("--stop-after", type=int, default=None,
+                    help="end after this epoch (checkpointed; continue with --resume)")
+    ep.add_argument("--dense-baseline", action="store_true",
+                    help="train the same architecture densely (all weights), no masks")
+    ep.add_argument("--first-layer-dense", action="store_true", help="keep the first layer dense")
+    ep.add_argument("--last-layer-dense", action="store_true", help="keep the last layer dense")
+    ep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda when available (default)")
+    ep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -152,6 +204,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .methods.edgepopup import EdgePopupRecipe, train_edgepopup
+    from .methods.edgepopup.trainer import CHECKPOINT_NAME
+    from .training import CheckpointError
+
+    resume = args.resume
+    if resume is not None and os.path.isdir(resume):
+        resume = os.path.join(resume, CHECKPOINT_NAME)
+    try:
+        recipe = EdgePopupRecipe(
+            data=args.data, data_dir=args.data_dir, model=args.model,
+            width_mult=args.width_mult, k=args.k, init=args.init,
+            scale_fan=args.scale_fan, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, nesterov=args.nesterov,
+            label_smoothing=args.label_smoothing, batch_size=args.batch_size, seed=args.seed,
+            first_layer_dense=args.first_layer_dense, last_layer_dense=args.last_layer_dense,
+            dense_baseline=args.dense_baseline, device=args.device, out=args.out,
+            resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
+        result = train_edgepopup(recipe)
+    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError) as err:
+        print(f"subkern train edgepopup: {err}", file=sys.stderr)
+        return 2
+    if result["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    what = ("dense baseline" if recipe.dense_baseline else
+            f"edge-popup subnetwork, k={recipe.k} kept ({result['kept_fraction']:.3f} of the "
+            f"weights), init {recipe.init}{' scaled' if recipe.scale_fan else ''}")
+    print(f"{recipe.model} on {recipe.data}: {what}: test accuracy {result['test_acc']:.4f} "
+          f"after {result['history'][-1]['epoch'] if result['history'] else 0} of "
+          f"{recipe.num_epochs} epochs")
+    if recipe.out:
+        print(f"wrote {os.path.join(recipe.out, 'result.json')}")
+    return 0
+
+
 def _gpu_name(machine: dict) -> str:
     devices = machine.get("cuda", {}).get("devices") or []
     return devices[0]["name"] if devices else "GPU"
@@ -162,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     if args.command == "info":
         return _cmd_info(args)
+    if args.command == "train":
+        return _cmd_train(args)
     return _cmd_bench(args)
 
 

@@ -1,0 +1,35 @@
+"""Drop-in layers of subkern's sparse methods.
+
+Edge-popup: ``SubnetLinear``, ``SubnetConv2d`` (frozen weights, trainable scores, top-k mask),
+``NonAffineBatchNorm2d`` and the init modes of ``subkern.nn.init``; for deployment,
+``SupermaskLinear`` and ``SupermaskConv2d`` (bit-packed mask + sign bits, one scale per layer).
+"""
+
+from __future__ import annotations
+
+from .batchnorm import NonAffineBatchNorm2d
+from .init import INIT_MODES, init_scores_, init_weight_
+from .subnet import (
+    SubnetConv2d,
+    SubnetLinear,
+    SubnetMixin,
+    kept_fraction,
+    set_k_,
+    subnet_modules,
+)
+from .supermask import SupermaskConv2d, SupermaskLinear
+
+__all__ = [
+    "INIT_MODES",
+    "NonAffineBatchNorm2d",
+    "SubnetConv2d",
+    "SubnetLinear",
+    "SubnetMixin",
+    "SupermaskConv2d",
+    "SupermaskLinear",
+    "init_scores_",
+    "init_weight_",
+    "kept_fraction",
+    "set_k_",
+    "subnet_modules",
+]

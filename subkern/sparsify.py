@@ -1,0 +1,168 @@
+"""One entry point that turns any model into its sparse-method version: ``sparsify_``.
+
+    model = subkern.sparsify_(model, EdgePopupConfig(k=0.5, init="signed_constant"))
+
+``sparsify_`` walks ``model.named_modules()`` and replaces, in place, every ``nn.Linear`` and
+``nn.Conv2d`` (and subclasses that are not already a subkern layer) for which
+``filter_fn(module, fqn)`` is true by the layer the config's method builds, then lets the config
+adjust the rest of the model (``prepare``). It returns the model; when ``model`` itself is a
+Linear/Conv2d (nothing to swap it inside) it returns the new layer.
+
+Extension point (STR, SupSup, ...): subclass ``SparsifyConfig`` as a dataclass, give it a unique
+``method`` name, decorate it with ``@register_method`` and implement
+
+* ``convert(module, fqn) -> nn.Module`` the replacement of one eligible layer, and optionally
+* ``prepare(model) -> None`` model-wide changes after the swap (freezing, BatchNorm, ...) and
+* ``eligible(module) -> bool`` which module types the method handles (default Linear/Conv2d).
+
+``get_config(name, **settings)`` builds a registered config by name (used by the CLI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from .nn.init import INIT_MODES, check_k
+from .nn.subnet import SubnetConv2d, SubnetLinear
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+METHODS: dict[str, type[SparsifyConfig]] = {}
+
+
+def register_method(cls: type[SparsifyConfig]) -> type[SparsifyConfig]:
+    """Class decorator: make a ``SparsifyConfig`` subclass known under its ``method`` name."""
+    name = getattr(cls, "method", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `method` (a non-empty str)")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"sparsify method {name!r} is already registered by "
+                         f"{METHODS[name].__name__}")
+    METHODS[name] = cls
+    return cls
+
+
+def get_config(method: str, **settings) -> SparsifyConfig:
+    """The registered config of ``method`` built with ``settings``."""
+    try:
+        cls = METHODS[method]
+    except KeyError:
+        raise KeyError(f"unknown sparsify method {method!r}; known: "
+                       f"{', '.join(sorted(METHODS))}") from None
+    return cls(**settings)
+
+
+@dataclass
+class SparsifyConfig:
+    """Base of the per-method configs. ``skip_first`` / ``skip_last`` leave the first / last
+    eligible layer (in ``named_modules()`` order) dense, like the official
+    ``--first-layer-dense`` / ``--last-layer-dense``."""
+
+    method: ClassVar[str] = ""
+    skip_first: bool = False
+    skip_last: bool = False
+
+    def eligible(self, module: nn.Module) -> bool:
+        """Whether the method can replace ``module`` (default: Linear and Conv2d)."""
+        if getattr(module, "_subkern_sparse", False):
+            return False
+        return isinstance(module, (nn.Linear, nn.Conv2d))
+
+    def convert(self, module: nn.Module, fqn: str) -> nn.Module:
+        """The replacement of the eligible ``module`` found at ``fqn``."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> None:
+        """Model-wide changes after the swap (default: none)."""
+
+
+@register_method
+@dataclass
+class EdgePopupConfig(SparsifyConfig):
+    """Edge-popup (Ramanujan et al., 2020): frozen weights, a trained score per weight, keep the
+    top ``k`` fraction of ``|scores|`` in every layer.
+
+    Attributes:
+        k: fraction of weights kept per layer, ``0 < k <= 1``.
+        init: re-initialise the weights with one of ``subkern.nn.init.INIT_MODES``
+            (default ``"signed_constant"``, the paper's best), or ``None`` to keep the model's
+            current (e.g. pretrained or default-random) weights.
+        scale_fan: the paper's scaled init (std times ``1/sqrt(k)``).
+        nonlinearity: gain of the init (``"relu"``).
+        freeze_bn: set ``requires_grad=False`` on BatchNorm/LayerNorm/GroupNorm affine
+            parameters so that only scores (and skipped dense layers) train. The paper's models
+            use non-affine BatchNorm instead; ``freeze_bn`` gives the same for a user's model.
+    """
+
+    method: ClassVar[str] = "edgepopup"
+    k: float = 0.5
+    init: str | None = "signed_constant"
+    scale_fan: bool = False
+    nonlinearity: str = "relu"
+    freeze_bn: bool = True
+
+    def __post_init__(self) -> None:
+        self.k = check_k(self.k)
+        if self.init is not None and self.init not in INIT_MODES:
+            raise ValueError(f"unknown init {self.init!r}; expected None or one of "
+                             f"{', '.join(INIT_MODES)}")
+
+    def convert(self, module: nn.Module, fqn: str) -> nn.Module:
+        cls = SubnetConv2d if isinstance(module, nn.Conv2d) else SubnetLinear
+        return cls.from_dense(module, k=self.k, init=self.init, scale_fan=self.scale_fan,
+                              nonlinearity=self.nonlinearity)
+
+    def prepare(self, model: nn.Module) -> None:
+        if not self.freeze_bn:
+            return
+        norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+        for module in model.modules():
+            if isinstance(module, norms):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
+
+
+def sparsify_(model: nn.Module, config: SparsifyConfig,
+              filter_fn: FilterFn | None = None) -> nn.Module:
+    """Replace, in place, every eligible layer of ``model`` by ``config``'s sparse version.
+
+    Args:
+        model: any ``nn.Module`` (an MLP, a ResNet, a user's model).
+        config: a ``SparsifyConfig`` subclass instance (e.g. ``EdgePopupConfig``).
+        filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it is true are
+            swapped (``fqn`` is the name in ``model.named_modules()``, ``""`` for the root).
+
+    Returns ``model`` (or the replacement when ``model`` itself is an eligible layer).
+    """
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"config must be a SparsifyConfig (e.g. EdgePopupConfig), "
+                        f"got {type(config).__name__}")
+    targets: list[tuple[str, nn.Module]] = []
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if config.eligible(module):
+            targets.append((fqn, module))
+    if config.skip_first and targets:
+        targets = targets[1:]
+    if config.skip_last and targets:
+        targets = targets[:-1]
+    if filter_fn is not None:
+        targets = [(fqn, m) for fqn, m in targets if filter_fn(m, fqn)]
+    result = model
+    replaced: dict[int, nn.Module] = {}
+    for fqn, module in targets:
+        new = replaced.get(id(module))
+        if new is None:   # a layer shared by two parents is replaced by one shared layer
+            new = config.convert(module, fqn)
+            replaced[id(module)] = new
+        if fqn == "":
+            result = new
+            continue
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    config.prepare(result)
+    return result
