@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SUBKERN_TERNARY_X86 1
@@ -320,36 +321,7 @@ struct Avx2K {
 // Threads
 // ---------------------------------------------------------------------------------------------
 
-// Runs fn(0) .. fn(ntasks - 1), one std::thread per task beyond the first (which runs here);
-// rethrows the first exception of any task after all have finished.
-void run_tasks(int64_t ntasks, const std::function<void(int64_t)>& fn) {
-  if (ntasks <= 1) {
-    if (ntasks == 1) fn(0);
-    return;
-  }
-  std::vector<std::exception_ptr> errors(ntasks);
-  auto guarded = [&](int64_t t) {
-    try {
-      fn(t);
-    } catch (...) {
-      errors[t] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(ntasks - 1);
-  int64_t started = 1;
-  try {
-    for (; started < ntasks; ++started) workers.emplace_back(guarded, started);
-  } catch (const std::system_error&) {
-    // No more threads available: the tasks not started yet run here.
-  }
-  guarded(0);
-  for (int64_t t = started; t < ntasks; ++t) guarded(t);
-  for (auto& th : workers) th.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
+using subkern::cpu::run_tasks;
 
 void check_bits(const at::Tensor& bits, const char* name, int64_t out, int64_t W) {
   TORCH_CHECK(bits.device().is_cpu(), "subkern::ternary_linear (CPU): ", name,

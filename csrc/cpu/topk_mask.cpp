@@ -32,6 +32,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -58,35 +60,7 @@ constexpr int64_t kMinPerThread = int64_t(1) << 16;
 // Batched op: layers at least this large run one after the other with all threads.
 constexpr int64_t kLargeLayer = int64_t(1) << 18;
 
-// Runs fn(0) .. fn(ntasks - 1), one std::thread per task beyond the first (which runs here).
-void run_tasks(int64_t ntasks, const std::function<void(int64_t)>& fn) {
-  if (ntasks <= 1) {
-    if (ntasks == 1) fn(0);
-    return;
-  }
-  std::vector<std::exception_ptr> errors(ntasks);
-  auto guarded = [&](int64_t t) {
-    try {
-      fn(t);
-    } catch (...) {
-      errors[t] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(ntasks - 1);
-  int64_t started = 1;
-  try {
-    for (; started < ntasks; ++started) workers.emplace_back(guarded, started);
-  } catch (const std::system_error&) {
-    // No more threads available: the tasks not started yet run here.
-  }
-  guarded(0);
-  for (int64_t t = started; t < ntasks; ++t) guarded(t);
-  for (auto& th : workers) th.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
+using subkern::cpu::run_tasks;
 
 int64_t threads_for(int64_t n, int64_t max_threads) {
   return std::max<int64_t>(1, std::min<int64_t>(max_threads, n / kMinPerThread));

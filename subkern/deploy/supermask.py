@@ -34,13 +34,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_write
 from ..nn.supermask import SupermaskConv2d, SupermaskLinear
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "DeployFormatError", "export_supermask",
@@ -226,28 +226,9 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable too
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+def _write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_write(path) as fh:
+        fh.write(data)
 
 
 def export_supermask(model: nn.Module, path: str | os.PathLike[str], atol: float = 1e-6
@@ -268,7 +249,7 @@ def export_supermask(model: nn.Module, path: str | os.PathLike[str], atol: float
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "checksum": _checksum(tensors), "architecture": json.dumps(architecture),
                 "subkern_version": str(__version__)}
-    _atomic_write(path, save(tensors, metadata=metadata))
+    _write_bytes(path, save(tensors, metadata=metadata))
     return converted
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import struct
 import sys
 import zlib
@@ -47,6 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .._atomic import atomic_write
 from ..ops.binary import MAX_CODE_BYTES
 from ..version import __version__
 
@@ -104,20 +104,6 @@ def _write_all(fh: Any, data: Any) -> None:
         view = view[written:]
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _build_header(nbits: int, next_id: int, ntotal: int, crcs: dict[str, int]) -> bytes:
     """The JSON header, padded with spaces so that the first section starts aligned."""
     code_size = nbits // 8
@@ -172,38 +158,16 @@ def write_index_file(path: str | os.PathLike[str], nbits: int, next_id: int,
     preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header),
                               _header_crc(preamble, header), 0)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot save the index to {path!r}: it is a directory")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)  # permissions follow the umask, like open()
-            break
-        except FileExistsError:  # pragma: no cover - 48 random bits collided
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            position = 0
-            for chunk, offset in ((preamble + header, 0),
-                                  (codes_bytes, meta["sections"]["codes"]["offset"]),
-                                  (ids_bytes, meta["sections"]["ids"]["offset"])):
-                if offset > position:
-                    _write_all(fh, bytes(offset - position))
-                    position = offset
-                _write_all(fh, chunk)
-                position += chunk.nbytes if isinstance(chunk, np.ndarray) else len(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
+    with atomic_write(path) as fh:
+        position = 0
+        for chunk, offset in ((preamble + header, 0),
+                              (codes_bytes, meta["sections"]["codes"]["offset"]),
+                              (ids_bytes, meta["sections"]["ids"]["offset"])):
+            if offset > position:
+                _write_all(fh, bytes(offset - position))
+                position = offset
+            _write_all(fh, chunk)
+            position += chunk.nbytes if isinstance(chunk, np.ndarray) else len(chunk)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ import hashlib
 import io
 import os
 import struct
-import tempfile
 from typing import Any
 
 import torch
+
+from .._atomic import atomic_write
 
 MAGIC = b"SUBKCKPT"
 CHECKPOINT_VERSION = 1
@@ -39,20 +40,10 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> str:
     torch.save(state, buffer)
     payload = buffer.getvalue()
     header = _HEADER.pack(MAGIC, CHECKPOINT_VERSION, hashlib.sha256(payload).digest())
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write(header)
+        handle.write(payload)
     return path
 
 
