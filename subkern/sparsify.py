@@ -73,8 +73,10 @@ class SparsifyConfig:
         return isinstance(module, (nn.Linear, nn.Conv2d))
 
     def convert(self, module: nn.Module, fqn: str) -> nn.Module:
-        """The replacement of the eligible ``module`` found at ``fqn``."""
-        raise NotImplementedError
+        """The replacement of the eligible ``module`` found at ``fqn`` (each method defines it)."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.convert: a SparsifyConfig subclass must define convert(); "
+            "the base class is not supported by sparsify_ on its own")
 
     def prepare(self, model: nn.Module) -> None:
         """Model-wide changes after the swap (default: none)."""
