@@ -198,8 +198,10 @@ fi
 # --- 4. CUDA benchmark -----------------------------------------------------------------------
 CUDA_FLAGS=()
 [ "$CUDA_BENCH" = quick ] && CUDA_FLAGS=(--quick)
+# op families with GPU cases (override with SUBKERN_GPU_CHECK_OPS=hamming,...)
+GPU_OPS="${SUBKERN_GPU_CHECK_OPS:-hamming,masked_linear,ternary}"
 run_step "bench cuda" "$OUT/bench_cuda.txt" "$PY" -m subkern.cli bench --device cuda \
-    --out "$OUT" ${CUDA_FLAGS[@]+"${CUDA_FLAGS[@]}"} || fail "subkern bench --device cuda failed or mismatched"
+    --ops "$GPU_OPS" --out "$OUT" ${CUDA_FLAGS[@]+"${CUDA_FLAGS[@]}"} || fail "subkern bench --device cuda failed or mismatched"
 
 # --- 5. CPU vs FAISS benchmark ---------------------------------------------------------------
 if [ "$CPU_BENCH" = 0 ]; then
