@@ -369,6 +369,18 @@ def _restore_isa() -> None:
         module.set_cpu_isa("auto")
 
 
+def _case_groups(size: HammingSize, device: str = "cpu"):
+    """Per code width, in case order: the data (made once), the reference's query count and
+    that width's cases as ``(k, case label, params)``."""
+    for bits in dict.fromkeys(bits for bits, _ in size.cases):
+        queries, database = make_data(bits, size.n, size.nq, device)
+        m = slow_query_count(size, bits // 8)
+        cases = [(k, case_label(bits, k),
+                  {"bits": bits, "k": k, "n": size.n, "nq": size.nq, "slow_queries": m})
+                 for case_bits, k in size.cases if case_bits == bits]
+        yield queries, database, m, cases
+
+
 def _run_cpu(config: BenchConfig, size: HammingSize, result: BenchResult) -> None:
     log = config.log
     faiss, faiss_reason = import_faiss()
@@ -378,18 +390,10 @@ def _run_cpu(config: BenchConfig, size: HammingSize, result: BenchResult) -> Non
     variants = _cpu_ours(config, result)
     reference = subkern_topk("reference")
     ours_fn = subkern_topk("cpp")
-    bits_order = list(dict.fromkeys(bits for bits, _ in size.cases))
     try:
-        for bits in bits_order:
-            nbytes = bits // 8
-            queries, database = make_data(bits, size.n, size.nq)
+        for queries, database, m, cases in _case_groups(size):
             faiss_fn = faiss_topk(faiss, database) if faiss is not None else None
-            m = slow_query_count(size, nbytes)
-            for case_bits, k in size.cases:
-                if case_bits != bits:
-                    continue
-                case = case_label(bits, k)
-                params = {"bits": bits, "k": k, "n": size.n, "nq": size.nq, "slow_queries": m}
+            for k, case, params in cases:
                 log(f"[{FAMILY} cpu] {case}: n={size.n} nq={size.nq}")
                 _cpu_case(config, size, result, case, params, queries, database, k, m,
                           variants, ours_fn, reference, faiss_fn)
@@ -500,15 +504,9 @@ def _run_accelerator(config: BenchConfig, size: HammingSize, result: BenchResult
             log(f"NOTE: subkern {name} backend skipped: {why}")
     reference = subkern_topk("reference")
     reps = config.reps or size.reps
-    for bits in dict.fromkeys(bits for bits, _ in size.cases):
-        nbytes = bits // 8
-        queries, database = make_data(bits, size.n, size.nq, device)
-        m = slow_query_count(size, nbytes)
-        for case_bits, k in size.cases:
-            if case_bits != bits:
-                continue
-            case = case_label(bits, k)
-            params = {"bits": bits, "k": k, "n": size.n, "nq": size.nq, "slow_queries": m}
+    for queries, database, m, cases in _case_groups(size, device):
+        nbytes = queries.shape[1]
+        for k, case, params in cases:
             log(f"[{FAMILY} {device}] {case}: n={size.n} nq={size.nq}")
             ref = None
             try:

@@ -93,6 +93,20 @@ def subnet_weight_and_mask(module: nn.Module) -> tuple[torch.Tensor, torch.Tenso
     return weight, mask.detach().reshape(weight.shape)
 
 
+def _register_packed_buffers(module: nn.Module, rows: int, fan_in: int, bias: bool,
+                             device: torch.device | str | None) -> None:
+    """The buffers of a Supermask layer: mask/sign bits ``int64 [rows, words_for(fan_in)]``,
+    the scale ``c`` and an optional bias (``module.bias = None`` without one)."""
+    nwords = words_for(fan_in)
+    for name in ("mask_bits", "sign_bits"):
+        module.register_buffer(name, torch.zeros(rows, nwords, dtype=torch.int64, device=device))
+    module.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
+    if bias:
+        module.register_buffer("bias", torch.zeros(rows, dtype=torch.float32, device=device))
+    else:
+        module.bias = None
+
+
 class SupermaskLinear(nn.Module):
     """``y = c * x @ (M * (2 S - 1))^T + bias`` from packed bits (an edge-popup Linear)."""
 
@@ -101,17 +115,7 @@ class SupermaskLinear(nn.Module):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        nwords = words_for(self.in_features)
-        self.register_buffer("mask_bits", torch.zeros(out_features, nwords, dtype=torch.int64,
-                                                      device=device))
-        self.register_buffer("sign_bits", torch.zeros(out_features, nwords, dtype=torch.int64,
-                                                      device=device))
-        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32,
-                                                     device=device))
-        else:
-            self.bias = None
+        _register_packed_buffers(self, self.out_features, self.in_features, bias, device)
 
     @classmethod
     def from_weight_and_mask(cls, weight: torch.Tensor, mask: torch.Tensor,
@@ -175,18 +179,7 @@ class SupermaskConv2d(nn.Module):
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
         self.groups = int(groups)
-        fan_in = self.fan_in
-        nwords = words_for(fan_in)
-        self.register_buffer("mask_bits", torch.zeros(out_channels, nwords, dtype=torch.int64,
-                                                      device=device))
-        self.register_buffer("sign_bits", torch.zeros(out_channels, nwords, dtype=torch.int64,
-                                                      device=device))
-        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32,
-                                                     device=device))
-        else:
-            self.bias = None
+        _register_packed_buffers(self, self.out_channels, self.fan_in, bias, device)
 
     @property
     def fan_in(self) -> int:
