@@ -111,8 +111,22 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     ``supported`` lists the backends that implement ``op``. Explicit requests that cannot be met
     raise :class:`BackendUnavailableError`; ``auto`` takes the first available in preference order.
     Under ``torch.compile`` the choice is made once, at trace time, and baked into the graph.
+    Successful choices are cached (a resolve costs microseconds, a real share of a small op);
+    the key holds everything availability depends on, so a change of any of it resolves anew.
     """
     requested = get_backend()
+    key = (op, requested, device, supported, _ext.extension() is not None, triton_interpreted())
+    chosen = _resolved.get(key)
+    if chosen is None:
+        chosen = _resolved[key] = _resolve_uncached(op, requested, device, supported)
+    return chosen
+
+
+_resolved: dict[tuple, str] = {}
+
+
+def _resolve_uncached(op: str, requested: str, device: torch.device,
+                      supported: tuple[str, ...]) -> str:
     if requested != "auto":
         if requested not in supported:
             raise BackendUnavailableError(

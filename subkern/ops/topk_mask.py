@@ -168,19 +168,9 @@ def _check_scores(scores: object, name: str = "scores") -> torch.Tensor:
     return scores
 
 
-_ROUTES: dict[tuple[str, str, torch.device], str] = {}
-
-
 def _route(op: str, device: torch.device) -> str:
-    """The backend for ``op`` on ``device`` (cached per requested backend: a resolve costs ~7 us,
-    a large share of a small layer's selection). Under torch.compile, resolve itself runs."""
-    if torch.compiler.is_compiling():
-        return _backend.resolve(op, device, SUPPORTED_BACKENDS)
-    key = (op, _backend.get_backend(), device)
-    chosen = _ROUTES.get(key)
-    if chosen is None:
-        chosen = _ROUTES[key] = _backend.resolve(op, device, SUPPORTED_BACKENDS)
-    return chosen
+    """The backend for ``op`` on ``device`` (:func:`subkern.backend.resolve`, which caches)."""
+    return _backend.resolve(op, device, SUPPORTED_BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------
