@@ -19,10 +19,18 @@ from . import deploy, nn
 from .backend import BackendUnavailableError, get_backend, use_backend
 from .ops.binary import hamming_distance, hamming_topk, pack_bits, unpack_bits
 from .ops.masked import masked_conv2d, masked_linear
+from .ops.soft_threshold import soft_threshold, soft_threshold_conv2d, soft_threshold_linear
 from .ops.ternary import pack_ternary, ternary_linear, unpack_ternary
 from .ops.topk_mask import kept_count, topk_mask, topk_mask_batched, topk_threshold
 from .retrieval import BinaryIndex, IndexFormatError, sharded_range_search, sharded_search
-from .sparsify import EdgePopupConfig, SparsifyConfig, get_config, register_method, sparsify_
+from .sparsify import (
+    EdgePopupConfig,
+    SparsifyConfig,
+    STRConfig,
+    get_config,
+    register_method,
+    sparsify_,
+)
 from .version import __version__
 
 __all__ = [
@@ -49,6 +57,10 @@ __all__ = [
     "ternary_linear",
     "pack_ternary",
     "unpack_ternary",
+    "soft_threshold",
+    "soft_threshold_linear",
+    "soft_threshold_conv2d",
+    "STRConfig",
     "sparsify_",
     "SparsifyConfig",
     "EdgePopupConfig",

@@ -27,6 +27,7 @@ from typing import ClassVar
 from torch import nn
 
 from .nn.init import INIT_MODES, check_k
+from .nn.str import STRConv2d, STRLinear, _check_s_init
 from .nn.subnet import SubnetConv2d, SubnetLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -126,6 +127,47 @@ class EdgePopupConfig(SparsifyConfig):
             if isinstance(module, norms):
                 for param in module.parameters(recurse=False):
                     param.requires_grad_(False)
+
+
+@register_method
+@dataclass
+class STRConfig(SparsifyConfig):
+    """STR (Kusupati et al., 2020): soft-threshold reparameterization with a learned threshold.
+
+    Every eligible ``nn.Linear`` / ``nn.Conv2d`` becomes an :class:`subkern.nn.str.STRLinear` /
+    :class:`~subkern.nn.str.STRConv2d` holding the module's weight and bias (both keep
+    training) and a threshold parameter ``s`` (``W_eff = sign(W) relu(|W| - sigmoid(s))``).
+    Sparsity emerges from ``s_init`` together with the weight decay, which must include ``s``
+    (the official recipes apply the same weight decay to ``W``, ``s`` and BatchNorm).
+
+    Attributes:
+        s_init: initial ``s``. The paper's values: about -3200 for ImageNet ResNet-50 (with
+            ``sigmoid`` the threshold starts at exactly 0 in float32: training starts dense and
+            the weight decay on ``s`` raises it; the final sparsity is chosen through the
+            weight decay and ``s_init`` pair); for CIFAR-scale models about -100 with a weight
+            decay of ``>= 5e-4``. A higher ``s_init`` (closer to 0) or a larger weight decay
+            gives a sparser model; STR itself has no direct target-sparsity knob.
+        per_channel: one threshold per output channel instead of one per layer (the official
+            code uses one per layer).
+        skip_first / skip_last: leave the first / last eligible layer dense (the official
+            ResNet-50 runs keep every layer, including the first conv and the fc, sparse).
+    """
+
+    method: ClassVar[str] = "str"
+    s_init: float = -100.0
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        self.s_init = _check_s_init(self.s_init)
+        for name in ("per_channel", "skip_first", "skip_last"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"STRConfig.{name} must be a bool, got {value!r} (the fields "
+                                f"are keyword arguments: STRConfig(s_init=..., ...))")
+
+    def convert(self, module: nn.Module, fqn: str) -> nn.Module:
+        cls = STRConv2d if isinstance(module, nn.Conv2d) else STRLinear
+        return cls.from_dense(module, s_init=self.s_init, per_channel=self.per_channel)
 
 
 def sparsify_(model: nn.Module, config: SparsifyConfig,

@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "topk_mask": "subkern.bench.topk_mask",
     "masked_linear": "subkern.bench.masked",
     "ternary": "subkern.bench.ternary",
+    "soft_threshold": "subkern.bench.soft_threshold",
 }
 
 

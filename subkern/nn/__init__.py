@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .batchnorm import NonAffineBatchNorm2d
 from .init import INIT_MODES, init_scores_, init_weight_
+from .str import STRConv2d, STRLinear, STRMixin, overall_sparsity, str_modules
 from .subnet import (
     SubnetConv2d,
     SubnetLinear,
@@ -25,11 +26,16 @@ __all__ = [
     "SubnetConv2d",
     "SubnetLinear",
     "SubnetMixin",
+    "STRConv2d",
+    "STRLinear",
+    "STRMixin",
     "SupermaskConv2d",
     "SupermaskLinear",
     "init_scores_",
     "init_weight_",
     "kept_fraction",
+    "overall_sparsity",
     "set_k_",
+    "str_modules",
     "subnet_modules",
 ]
