@@ -3,7 +3,9 @@
 
 Run: ``pytest benchmarks/test_bench_ternary.py --benchmark-only`` (``SUBKERN_BENCH_SIZE`` picks
 tiny / quick / full). Benchmarks of one case share a ``group``, so the table compares ours with
-dense ``F.linear`` fp32 and bf16 side by side.
+dense ``F.linear`` fp32 and bf16 side by side. ``supermask`` is what
+:class:`subkern.nn.SupermaskLinear` runs (the prepacked nibble-table kernel on AVX-512 CPUs; the
+layout is built before timing), ``subkern`` the bit-mask kernel on the packed words.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from subkern import backend as _backend
 from subkern.bench import ternary
+from subkern.nn.supermask import SupermaskLinear
 from subkern.ops.ternary import ternary_linear
 
 SIZE = os.environ.get("SUBKERN_BENCH_SIZE", "quick").strip().lower()
@@ -31,7 +34,7 @@ def _layer(out: int, inp: int):
     return _layers[(out, inp)]
 
 
-@pytest.mark.parametrize("impl", ["subkern", "dense_fp32", "dense_bf16"])
+@pytest.mark.parametrize("impl", ["supermask", "subkern", "dense_fp32", "dense_bf16"])
 @pytest.mark.parametrize(("out", "inp", "batch"), CASES,
                          ids=[f"{o}x{i}-b{b}" for o, i, b in CASES])
 def test_ternary_linear_cpu(benchmark, out, inp, batch, impl):
@@ -39,10 +42,19 @@ def test_ternary_linear_cpu(benchmark, out, inp, batch, impl):
     x = torch.randn(batch, inp)
     benchmark.group = f"cpu ternary {ternary.case_label(out, inp, batch)}"
     benchmark.extra_info.update({"impl": impl, "out": out, "in": inp, "batch": batch})
-    if impl == "subkern":
+    if impl in ("subkern", "supermask"):
         why = _backend.unavailable_reason("cpp", torch.device("cpu"), "ternary_linear")
         if why is not None:
             pytest.skip(why)
+    if impl == "supermask":
+        layer = SupermaskLinear.from_weight_and_mask(weight, weight != 0, atol=1e-5).eval()
+        with torch.no_grad():
+            layer(x[:1])                    # builds the prepacked layout (one-off, at load)
+
+        def fn():
+            with torch.no_grad(), _backend.use_backend("cpp"):
+                return layer(x)
+    elif impl == "subkern":
 
         def fn():
             with _backend.use_backend("cpp"):

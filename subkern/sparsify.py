@@ -20,13 +20,14 @@ Extension point (STR, SupSup, ...): subclass ``SparsifyConfig`` as a dataclass, 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from .nn.init import INIT_MODES, check_k
+from .nn.init import INIT_MODES, check_k, check_seed
 from .nn.str import STRConv2d, STRLinear, _check_s_init
 from .nn.subnet import SubnetConv2d, SubnetLinear
 
@@ -83,6 +84,15 @@ class SparsifyConfig:
         """Model-wide changes after the swap (default: none)."""
 
 
+def layer_sign_seed(seed: int, fqn: str) -> int:
+    """The sign seed of the layer named ``fqn`` under the model-wide ``seed``: the int64
+    ``(seed * 1000003 + crc32(fqn)) mod 2^64`` (two's complement), distinct per layer name and
+    stable across runs, machines and versions."""
+    check_seed(seed)
+    value = (seed * 1000003 + zlib.crc32(fqn.encode("utf-8"))) % (1 << 64)
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
 @register_method
 @dataclass
 class EdgePopupConfig(SparsifyConfig):
@@ -99,6 +109,11 @@ class EdgePopupConfig(SparsifyConfig):
         freeze_bn: set ``requires_grad=False`` on BatchNorm/LayerNorm/GroupNorm affine
             parameters so that only scores (and skipped dense layers) train. The paper's models
             use non-affine BatchNorm instead; ``freeze_bn`` gives the same for a user's model.
+        sign_seed: with ``init="signed_constant"``, draw every layer's weight signs from
+            :func:`subkern.nn.init.seeded_signs` with the layer seed
+            :func:`layer_sign_seed` ``(sign_seed, fqn)``, so that
+            ``export_supermask(..., signs="seed")`` can ship the masks alone (about 32x smaller
+            than fp32). ``None`` (default): signs from torch's generator.
     """
 
     method: ClassVar[str] = "edgepopup"
@@ -107,17 +122,24 @@ class EdgePopupConfig(SparsifyConfig):
     scale_fan: bool = False
     nonlinearity: str = "relu"
     freeze_bn: bool = True
+    sign_seed: int | None = None
 
     def __post_init__(self) -> None:
         self.k = check_k(self.k)
+        if self.sign_seed is not None:
+            check_seed(self.sign_seed)
+            if self.init != "signed_constant":
+                raise ValueError("EdgePopupConfig: sign_seed needs init='signed_constant', got "
+                                 f"init={self.init!r}")
         if self.init is not None and self.init not in INIT_MODES:
             raise ValueError(f"unknown init {self.init!r}; expected None or one of "
                              f"{', '.join(INIT_MODES)}")
 
     def convert(self, module: nn.Module, fqn: str) -> nn.Module:
         cls = SubnetConv2d if isinstance(module, nn.Conv2d) else SubnetLinear
+        seed = None if self.sign_seed is None else layer_sign_seed(self.sign_seed, fqn)
         return cls.from_dense(module, k=self.k, init=self.init, scale_fan=self.scale_fan,
-                              nonlinearity=self.nonlinearity)
+                              nonlinearity=self.nonlinearity, sign_seed=seed)
 
     def prepare(self, model: nn.Module) -> None:
         if not self.freeze_bn:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import subkern
 from subkern.methods.edgepopup.models import BasicBlock, Builder, ResNet
 from subkern.nn import SubnetConv2d, SubnetLinear
 from subkern.sparsify import (
@@ -161,3 +162,30 @@ def test_config_validation_and_registry_extension_point():
             register_method(type("NoName", (SparsifyConfig,), {}))
     finally:
         METHODS.pop("test-halve", None)
+
+
+def test_edgepopup_config_sign_seed_gives_per_layer_seeds_and_seed_artifacts(tmp_path):
+    from subkern.sparsify import layer_sign_seed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    subkern.sparsify_(model, subkern.EdgePopupConfig(k=0.5, sign_seed=7))
+    assert model[0].sign_seed == layer_sign_seed(7, "0")
+    assert model[2].sign_seed == layer_sign_seed(7, "2")
+    assert model[0].sign_seed != model[2].sign_seed
+    # the weights' signs are exactly the generator's, so the masks alone ship
+    signs = subkern.nn.seeded_signs(model[0].sign_seed, model[0].weight.numel())
+    assert torch.equal(model[0].weight.detach().reshape(-1) > 0, signs)
+    path = tmp_path / "m.safetensors"
+    subkern.deploy.export_supermask(model, path, signs="seed")
+    deployed = subkern.deploy.load_supermask(path)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(deployed(x), model(x).detach())
+    assert set(subkern.deploy.sign_modes(deployed).values()) == {"seed"}
+
+
+def test_edgepopup_config_sign_seed_checks():
+    with pytest.raises(ValueError, match="sign_seed needs init='signed_constant'"):
+        subkern.EdgePopupConfig(sign_seed=1, init="kaiming_normal")
+    with pytest.raises(TypeError, match="sign_seed"):
+        subkern.EdgePopupConfig(sign_seed="1")

@@ -19,6 +19,7 @@ from subkern.deploy import (
     load_supermask,
     read_metadata,
 )
+from subkern.deploy import supermask as supermask_format
 from subkern.nn.supermask import SupermaskConv2d, SupermaskLinear
 from subkern.ops import topk_mask_reference
 
@@ -150,7 +151,8 @@ def test_export_load_roundtrip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
     meta = read_metadata(path)
     assert meta["format"] == "subkern.supermask"
-    assert int(meta["format_version"]) == FORMAT_VERSION
+    # no seed-mode layer: written as version 1, readable by subkerns that predate version 2
+    assert int(meta["format_version"]) == supermask_format.FORMAT_VERSION_BITS == 1
     assert meta["checksum"].startswith("sha256:")
     assert json.loads(meta["architecture"])["type"] == "Sequential"
 

@@ -26,8 +26,10 @@
 //   from memory once per call whatever the batch. When in % 64 != 0, x is first copied into a
 //   zero-padded buffer of W * 64 columns, so the kernels read whole words without tail code (the
 //   padding bits then meet zeros).
-// * Threads: at::get_num_threads() std::thread workers over tiles of output rows, spawned per call
-//   (small calls run on the calling thread). Results do not depend on the thread count.
+// * Threads: up to at::get_num_threads() tasks over tiles of output rows on the persistent pool of
+//   parallel.h (small calls run on the calling thread). Results do not depend on the thread count.
+// * Small batches on AVX-512 CPUs run faster from the prepacked nibble layout (ternary_lut.cpp,
+//   subkern::ternary_linear_prepacked), which subkern.nn.SupermaskLinear uses.
 // * bfloat16/float16 inputs are converted to float32, accumulated in float32 and converted back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,11 +38,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <optional>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 #include "cpu/cpu_features.h"

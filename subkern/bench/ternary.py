@@ -1,5 +1,12 @@
-"""Ternary bit-packed inference benchmark: ``subkern.ops.ternary.ternary_linear`` against dense
-``F.linear`` (float32 and bfloat16) on the same effective weight.
+"""Ternary bit-packed inference benchmark: what :class:`subkern.nn.SupermaskLinear` runs against
+dense ``F.linear`` (float32 and bfloat16) on the same effective weight.
+
+On CPU, ``subkern[cpp] SupermaskLinear`` is the layer's forward under the ``cpp`` backend: on an
+AVX-512 CPU the nibble-table kernel on the prepacked layout
+(:func:`subkern.ops.ternary.ternary_linear_prepacked`; the layout is built once, at the first
+forward, and its cost is reported separately in ``params["prepack_ms"]``), elsewhere the bit-mask
+kernel. ``subkern[cpp] bitmask`` (:func:`subkern.ops.ternary.ternary_linear` on the words) is
+timed next to it for reference.
 
 Cases: layers ``out x in`` = 4096 x 4096, 768 x 3072 and 3072 x 768 (BERT FFN), batch 1, 2, 4, 8,
 16 (the deployment regime of a supermask model). The weight is a random signed-constant ternary
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from ..nn.supermask import SupermaskLinear
 from ..ops.ternary import pack_ternary, ternary_linear
 from . import environment
 from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn
@@ -92,6 +100,31 @@ def _ours(backend: str, x: torch.Tensor, mb: torch.Tensor, sb: torch.Tensor, c: 
     return run
 
 
+def _layer_forward(layer: SupermaskLinear, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad(), _backend.use_backend("cpp"):
+            return layer(x)
+
+    return run
+
+
+def _prepack_ms(layer: SupermaskLinear, x: torch.Tensor, reps: int = 3) -> float | None:
+    """Best time of building the layer's prepacked layout (a one-off cost at load), in ms; None
+    when the layer does not use it here."""
+    import time
+
+    best = None
+    for _ in range(reps):
+        layer.__dict__.pop("_prepacked_cache", None)
+        start = time.perf_counter()
+        _layer_forward(layer, x[:1])()
+        took = time.perf_counter() - start
+        best = took if best is None else min(best, took)
+    if "_prepacked_cache" not in layer.__dict__:
+        return None
+    return None if best is None else best * 1e3
+
+
 def run(config: BenchConfig) -> BenchResult:
     """Run the ternary cases of ``config.size`` on ``config.device``."""
     size = SIZES[config.size]
@@ -117,9 +150,15 @@ def run(config: BenchConfig) -> BenchResult:
         else:
             result.skip(f"subkern {name} backend", why)
             config.log(f"NOTE: subkern {name} backend skipped: {why}")
+    prepack: dict[str, float | None] = {}
+    result.params["prepack_ms"] = prepack
     for out, inp in size.layers:
         weight, mb, sb, c = make_layer(out, inp, device)
         weight_bf16 = weight.to(torch.bfloat16)
+        layer = None
+        if device == "cpu" and ours_backends:
+            layer = SupermaskLinear.from_weight_and_mask(weight, weight != 0, atol=1e-5).eval()
+            prepack[f"{out}x{inp}"] = _prepack_ms(layer, torch.randn(1, inp))
         for batch in size.batches:
             case = case_label(out, inp, batch)
             params: dict[str, Any] = {"out": out, "in": inp, "batch": batch,
@@ -142,8 +181,19 @@ def run(config: BenchConfig) -> BenchResult:
                 result.measurements.append(data)
             for name in ours_backends:
                 try:
-                    ours, y = _time(f"subkern[{name}]", _ours(name, x, mb, sb, c, inp), device,
-                                    size.warmup, reps, batch)
+                    if layer is not None:   # CPU: the layer (prepacked path where it applies)
+                        bitmask, _ = _time(f"subkern[{name}] bitmask",
+                                           _ours(name, x, mb, sb, c, inp), device, size.warmup,
+                                           reps, batch)
+                        data = bitmask.to_json()
+                        data["case"] = case
+                        result.measurements.append(data)
+                        ours, y = _time(f"subkern[{name}] SupermaskLinear",
+                                        _layer_forward(layer, x), device, size.warmup, reps,
+                                        batch)
+                    else:
+                        ours, y = _time(f"subkern[{name}]", _ours(name, x, mb, sb, c, inp),
+                                        device, size.warmup, reps, batch)
                 except Exception as err:  # noqa: BLE001
                     result.errors.append({"what": f"{name} {case}", "error": repr(err)})
                     continue

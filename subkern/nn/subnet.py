@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import topk_mask_reference
-from .init import INIT_MODES, check_k, init_scores_, init_weight_
+from .init import INIT_MODES, check_k, check_seed, init_scores_, init_weight_
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -97,10 +97,16 @@ class SubnetMixin:
     _subkern_sparse = True   # marker: sparsify_ leaves such modules alone
 
     def _setup_subnet(self, k: float, init: str | None, scale_fan: bool, nonlinearity: str,
-                      generator: torch.Generator | None) -> None:
+                      generator: torch.Generator | None, sign_seed: int | None = None) -> None:
         if init is not None and init not in INIT_MODES:
             raise ValueError(f"unknown init {init!r}; expected None or one of "
                              f"{', '.join(INIT_MODES)}")
+        if sign_seed is not None:
+            check_seed(sign_seed)
+            if init != "signed_constant":
+                raise ValueError("sign_seed needs init='signed_constant' (it seeds the signs of "
+                                 f"the constant weights), got init={init!r}")
+        self.sign_seed = sign_seed
         self._k = check_k(k)
         self.init = init
         self.scale_fan = bool(scale_fan)
@@ -111,7 +117,7 @@ class SubnetMixin:
     def _init_subnet(self, generator: torch.Generator | None) -> None:
         if self.init is not None:
             init_weight_(self.weight, self.init, self._k, self.scale_fan, self.nonlinearity,
-                         generator=generator)
+                         generator=generator, sign_seed=self.sign_seed)
         init_scores_(self.scores, generator=generator)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -141,15 +147,19 @@ class SubnetMixin:
         return self.weight.detach() * self.mask()
 
     def get_extra_state(self) -> dict:
-        return {"k": self._k, "init": self.init, "scale_fan": self.scale_fan}
+        return {"k": self._k, "init": self.init, "scale_fan": self.scale_fan,
+                "sign_seed": self.sign_seed}
 
     def set_extra_state(self, state: dict) -> None:
         self._k = check_k(state["k"])
         self.init = state.get("init", self.init)
         self.scale_fan = bool(state.get("scale_fan", self.scale_fan))
+        seed = state.get("sign_seed", self.sign_seed)
+        self.sign_seed = None if seed is None else check_seed(int(seed))
 
     def _subnet_repr(self) -> str:
-        return f"k={self._k}, init={self.init}, scale_fan={self.scale_fan}"
+        seed = "" if self.sign_seed is None else f", sign_seed={self.sign_seed}"
+        return f"k={self._k}, init={self.init}, scale_fan={self.scale_fan}{seed}"
 
 
 class SubnetLinear(SubnetMixin, nn.Linear):
@@ -163,14 +173,18 @@ class SubnetLinear(SubnetMixin, nn.Linear):
         scale_fan: the paper's scaled init (std times ``1/sqrt(k)``).
         nonlinearity: for the init's gain (default ``"relu"``).
         generator: optional RNG for the weight and score draws.
+        sign_seed: with ``init="signed_constant"``, draw the weight signs from
+            :func:`subkern.nn.init.seeded_signs` with this seed (instead of the RNG), so that a
+            deployed supermask can store the seed instead of the sign bits
+            (``export_supermask(..., signs="seed")``). Default ``None``: the RNG, as before.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, k: float = 0.5,
                  init: str | None = "signed_constant", scale_fan: bool = False,
                  nonlinearity: str = "relu", generator: torch.Generator | None = None,
-                 device: Any = None, dtype: Any = None) -> None:
+                 device: Any = None, dtype: Any = None, sign_seed: int | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup_subnet(k, init, scale_fan, nonlinearity, generator)
+        self._setup_subnet(k, init, scale_fan, nonlinearity, generator, sign_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _masked_linear(x, self.weight, self.scores, self._k, self.bias)
@@ -178,11 +192,13 @@ class SubnetLinear(SubnetMixin, nn.Linear):
     @classmethod
     def from_dense(cls, module: nn.Linear, k: float = 0.5, init: str | None = None,
                    scale_fan: bool = False, nonlinearity: str = "relu",
-                   generator: torch.Generator | None = None) -> SubnetLinear:
+                   generator: torch.Generator | None = None, sign_seed: int | None = None
+                   ) -> SubnetLinear:
         """A ``SubnetLinear`` of ``module``'s shape; keeps its weight and bias unless ``init``."""
         new = cls(module.in_features, module.out_features, bias=module.bias is not None, k=k,
                   init=init, scale_fan=scale_fan, nonlinearity=nonlinearity,
-                  generator=generator, device=module.weight.device, dtype=module.weight.dtype)
+                  generator=generator, device=module.weight.device, dtype=module.weight.dtype,
+                  sign_seed=sign_seed)
         _copy_dense(module, new, keep_weight=init is None)
         return new
 
@@ -201,8 +217,8 @@ class SubnetConv2d(SubnetMixin, nn.Conv2d):
     """Edge-popup ``Conv2d``: ``conv2d(x, W * M) + b`` with ``M = topk_mask(|scores|, k)``.
 
     Arguments as ``nn.Conv2d`` (bias default ``False``) plus ``k``, ``init``, ``scale_fan``,
-    ``nonlinearity`` and ``generator`` as ``SubnetLinear``. The mask is chosen over the whole
-    weight tensor (all output channels together), as the official ``SubnetConv``.
+    ``nonlinearity``, ``generator`` and ``sign_seed`` as ``SubnetLinear``. The mask is chosen over
+    the whole weight tensor (all output channels together), as the official ``SubnetConv``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
@@ -210,11 +226,11 @@ class SubnetConv2d(SubnetMixin, nn.Conv2d):
                  padding_mode: str = "zeros", k: float = 0.5,
                  init: str | None = "signed_constant", scale_fan: bool = False,
                  nonlinearity: str = "relu", generator: torch.Generator | None = None,
-                 device: Any = None, dtype: Any = None) -> None:
+                 device: Any = None, dtype: Any = None, sign_seed: int | None = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
-        self._setup_subnet(k, init, scale_fan, nonlinearity, generator)
+        self._setup_subnet(k, init, scale_fan, nonlinearity, generator, sign_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
@@ -230,14 +246,15 @@ class SubnetConv2d(SubnetMixin, nn.Conv2d):
     @classmethod
     def from_dense(cls, module: nn.Conv2d, k: float = 0.5, init: str | None = None,
                    scale_fan: bool = False, nonlinearity: str = "relu",
-                   generator: torch.Generator | None = None) -> SubnetConv2d:
+                   generator: torch.Generator | None = None, sign_seed: int | None = None
+                   ) -> SubnetConv2d:
         """A ``SubnetConv2d`` like ``module``; keeps its weight and bias unless ``init``."""
         new = cls(module.in_channels, module.out_channels, module.kernel_size,
                   stride=module.stride, padding=module.padding, dilation=module.dilation,
                   groups=module.groups, bias=module.bias is not None,
                   padding_mode=module.padding_mode, k=k, init=init, scale_fan=scale_fan,
                   nonlinearity=nonlinearity, generator=generator,
-                  device=module.weight.device, dtype=module.weight.dtype)
+                  device=module.weight.device, dtype=module.weight.dtype, sign_seed=sign_seed)
         _copy_dense(module, new, keep_weight=init is None)
         return new
 

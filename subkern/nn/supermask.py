@@ -8,11 +8,20 @@ or ``+c`` (one ``c`` per layer). :class:`SupermaskLinear` and :class:`SupermaskC
 * ``scale`` (a float32 0-d buffer, ``c``) and ``bias`` (float32 ``[out]`` buffer, optional),
 
 i.e. 2 bits per weight, 16x less than float32 (layout: :mod:`subkern.ops.ternary`). The forward
-runs :func:`subkern.ops.ternary.ternary_linear` straight from the bits (no dense weight).
+runs straight from the bits (no dense weight): on CPUs with AVX-512 through the prepacked nibble
+layout (:func:`subkern.ops.ternary.ternary_linear_prepacked`), which the layer builds on its
+first CPU forward and keeps as a cache (not in the ``state_dict``; rebuilt when the bits change or
+the layer moves to another device), elsewhere through
+:func:`subkern.ops.ternary.ternary_linear`.
 
-The variant that regenerates the signs from the initialisation seed instead of storing sign bits
-is not provided: it would tie the artifact to the exact random stream of the training code's init
-function, which the deployment format is meant not to depend on.
+Sign modes
+----------
+``sign_mode="bits"`` (default) stores the sign bits. ``sign_mode="seed"`` stores instead the seed
+``sign_seed`` (an int64 0-d buffer) that regenerated the signs of a signed-constant layer trained
+with ``SubnetLinear(..., sign_seed=s)`` (:func:`subkern.nn.init.seeded_signs`, a
+version-independent counter-based generator); ``sign_bits`` is then a non-persistent buffer,
+rebuilt from the seed when the ``state_dict`` is loaded (or by :meth:`set_sign_seed`). The
+layer's tensors are then the mask bits alone: 1 bit per weight, 32x less than float32.
 """
 
 from __future__ import annotations
@@ -24,9 +33,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import topk_mask_reference
-from ..ops.ternary import pack_rows, ternary_linear, unpack_ternary, words_for
+from ..ops.ternary import (
+    pack_rows,
+    prepacked_preferred,
+    ternary_linear,
+    ternary_linear_prepacked_cpu,
+    ternary_prepack,
+    unpack_ternary,
+    words_for,
+)
+from .init import check_seed, seeded_signs
 
-__all__ = ["SupermaskLinear", "SupermaskConv2d", "subnet_weight_and_mask"]
+__all__ = ["SupermaskLinear", "SupermaskConv2d", "subnet_weight_and_mask", "SIGN_MODES",
+           "EXPORT_SIGNS"]
+
+#: How a Supermask layer keeps its signs: the packed bits, or the seed that regenerates them.
+SIGN_MODES = ("bits", "seed")
+#: Choices of ``signs`` when converting a trained layer: ``"auto"`` = the seed when it
+#: reproduces every kept sign, else the bits.
+EXPORT_SIGNS = ("auto", "bits", "seed")
 
 _Pair = tuple[int, int]
 
@@ -40,12 +65,20 @@ def _pair(v: int | tuple[int, ...]) -> _Pair:
     return t  # type: ignore[return-value]
 
 
-def _pack_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor, atol: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(mask_bits, sign_bits, c)`` of ``weight * mask`` with rows = output channels.
+def _pack_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor, atol: float,
+                          signs: str = "bits", sign_seed: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, float, int | None]:
+    """``(mask_bits, sign_bits, c, seed)`` of ``weight * mask`` with rows = output channels.
 
-    Raises ``ValueError`` when the kept weights are not ``+-c`` for a single ``c``.
+    ``seed`` is ``sign_seed`` when the signs are to be regenerated from it (``signs`` "seed", or
+    "auto" and the seed reproduces every kept sign), else None. Raises ``ValueError`` when the
+    kept weights are not ``+-c`` for a single ``c``, and for ``signs="seed"`` when there is no
+    seed or it does not reproduce the kept signs.
     """
+    if signs not in EXPORT_SIGNS:
+        raise ValueError(f"signs must be one of {', '.join(EXPORT_SIGNS)}, got {signs!r}")
+    if sign_seed is not None:
+        check_seed(sign_seed)
     if weight.shape != mask.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and mask {tuple(mask.shape)} differ in "
                          "shape")
@@ -68,7 +101,24 @@ def _pack_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor, atol: float
                 "a supermask layer needs a signed-constant weight (Subnet init "
                 "'signed_constant'), or a larger atol")
         scale = hi
-    return pack_rows(m), pack_rows(m & (w > 0)), scale
+    positive = w > 0
+    seed = None
+    if signs != "bits":
+        if sign_seed is None:
+            if signs == "seed":
+                raise ValueError("signs='seed' needs the layer's sign_seed (train it with "
+                                 "sign_seed=..., init 'signed_constant'); this layer has none")
+        else:
+            regenerated = seeded_signs(sign_seed, w.numel(), w.device).reshape(w.shape)
+            wrong = int((regenerated != positive)[m].sum())
+            if wrong == 0:
+                seed = sign_seed
+            elif signs == "seed":
+                raise ValueError(f"signs='seed': {wrong} of the {int(m.sum())} kept weights have "
+                                 f"a sign other than the one sign_seed={sign_seed} regenerates "
+                                 "(the weights were changed after init); use signs='bits' or "
+                                 "'auto'")
+    return pack_rows(m), pack_rows(m & positive), scale, seed
 
 
 def subnet_weight_and_mask(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +144,20 @@ def subnet_weight_and_mask(module: nn.Module) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _register_packed_buffers(module: nn.Module, rows: int, fan_in: int, bias: bool,
-                             device: torch.device | str | None) -> None:
+                             device: torch.device | str | None, sign_mode: str) -> None:
     """The buffers of a Supermask layer: mask/sign bits ``int64 [rows, words_for(fan_in)]``,
-    the scale ``c`` and an optional bias (``module.bias = None`` without one)."""
+    the scale ``c``, an optional bias (``module.bias = None`` without one) and, in seed mode, the
+    persistent ``sign_seed`` (the sign bits are then not persistent)."""
+    if sign_mode not in SIGN_MODES:
+        raise ValueError(f"sign_mode must be one of {', '.join(SIGN_MODES)}, got {sign_mode!r}")
     nwords = words_for(fan_in)
-    for name in ("mask_bits", "sign_bits"):
-        module.register_buffer(name, torch.zeros(rows, nwords, dtype=torch.int64, device=device))
+    module.register_buffer("mask_bits",
+                           torch.zeros(rows, nwords, dtype=torch.int64, device=device))
+    module.register_buffer("sign_bits",
+                           torch.zeros(rows, nwords, dtype=torch.int64, device=device),
+                           persistent=sign_mode == "bits")
+    if sign_mode == "seed":
+        module.register_buffer("sign_seed", torch.zeros((), dtype=torch.int64, device=device))
     module.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
     if bias:
         module.register_buffer("bias", torch.zeros(rows, dtype=torch.float32, device=device))
@@ -107,68 +165,186 @@ def _register_packed_buffers(module: nn.Module, rows: int, fan_in: int, bias: bo
         module.bias = None
 
 
-class SupermaskLinear(nn.Module):
-    """``y = c * x @ (M * (2 S - 1))^T + bias`` from packed bits (an edge-popup Linear)."""
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter of ``t`` (-1 for inference tensors, which have none: they
+    can only change inside ``torch.inference_mode``)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+class _SupermaskBase(nn.Module):
+    """Sign modes, packing from a trained layer and the prepacked cache (shared)."""
+
+    mask_bits: torch.Tensor
+    sign_bits: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    sign_mode: str
+
+    def _rows_and_fan_in(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _fill(self, mask_bits: torch.Tensor, sign_bits: torch.Tensor, scale: float,
+              seed: int | None, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.mask_bits.copy_(mask_bits)
+            self.sign_bits.copy_(sign_bits)
+            self.scale.fill_(scale)
+            if bias is not None:
+                self.bias.copy_(bias.detach())
+        if seed is not None:
+            self.set_sign_seed(seed)
+
+    @torch.no_grad()
+    def set_sign_seed(self, seed: int) -> None:
+        """Seed mode: store ``seed`` and regenerate ``sign_bits`` from it
+        (:func:`subkern.nn.init.seeded_signs`, flat weight order)."""
+        if self.sign_mode != "seed":
+            raise RuntimeError("set_sign_seed needs a layer built with sign_mode='seed'")
+        self.sign_seed.fill_(check_seed(int(seed)))
+        self._regenerate_signs()
+
+    @torch.no_grad()
+    def _regenerate_signs(self) -> None:
+        rows, fan_in = self._rows_and_fan_in()
+        signs = seeded_signs(int(self.sign_seed), rows * fan_in, self.mask_bits.device)
+        self.sign_bits.copy_(pack_rows(signs.reshape(rows, fan_in)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.sign_mode == "seed" and prefix + "sign_seed" in state_dict:
+            self._regenerate_signs()
+
+    def _prepacked(self, group: int, rows: slice | None) -> tuple[torch.Tensor, float]:
+        """``(prepacked layout of the bits (of rows), float scale)``, built on first use and
+        cached while the bits and the scale stay the same tensors with the same versions."""
+        mb, sb, sc = self.mask_bits, self.sign_bits, self.scale
+        versions = (_version(mb), _version(sb), _version(sc))
+        cache = self.__dict__.get("_prepacked_cache")
+        if (cache is None or cache[0] is not mb or cache[1] is not sb or cache[2] is not sc
+                or cache[3] != versions):
+            cache = (mb, sb, sc, versions, float(sc), {})
+            self.__dict__["_prepacked_cache"] = cache
+        packed = cache[5].get(group)
+        if packed is None:
+            _, fan_in = self._rows_and_fan_in()
+            if rows is not None:
+                mb, sb = mb[rows], sb[rows]
+            packed = cache[5][group] = ternary_prepack(mb, sb, fan_in)
+        return packed, cache[4]
+
+    def _apply_bits(self, x: torch.Tensor, group: int = 0, rows: slice | None = None
+                    ) -> torch.Tensor:
+        """``x [..., fan_in]`` times the (``rows`` of the) layer's ternary matrix, plus bias."""
+        nrows, fan_in = self._rows_and_fan_in()
+        bias = self.bias
+        if rows is not None:
+            nrows = rows.stop - rows.start
+            bias = None if bias is None else bias[rows]
+        if prepacked_preferred(x, fan_in):
+            packed, scale = self._prepacked(group, rows)
+            return ternary_linear_prepacked_cpu(x, packed, scale, fan_in, nrows, bias)
+        mb, sb = self.mask_bits, self.sign_bits
+        if rows is not None:
+            mb, sb = mb[rows], sb[rows]
+        return ternary_linear(x, mb, sb, float(self.scale), fan_in, bias)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_prepacked_cache", None)   # a cache: not pickled / deep-copied
+        return state
+
+    def _sign_config(self) -> dict:
+        return {} if self.sign_mode == "bits" else {"sign_mode": self.sign_mode}
+
+    def _sign_repr(self) -> str:
+        return "" if self.sign_mode == "bits" else ", sign_mode='seed'"
+
+
+class SupermaskLinear(_SupermaskBase):
+    """``y = c * x @ (M * (2 S - 1))^T + bias`` from packed bits (an edge-popup Linear).
+
+    ``sign_mode``: ``"bits"`` (store the sign bits) or ``"seed"`` (store the seed that
+    regenerates them; module docstring).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, sign_mode: str = "bits") -> None:
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        _register_packed_buffers(self, self.out_features, self.in_features, bias, device)
+        self.sign_mode = sign_mode
+        _register_packed_buffers(self, self.out_features, self.in_features, bias, device,
+                                 sign_mode)
+
+    def _rows_and_fan_in(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def deploy_config(self) -> dict:
+        """Constructor keyword arguments (JSON-able) for the deployment module tree
+        (``sign_mode`` only in seed mode, so that bits-mode trees stay readable by subkerns that
+        predate it)."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, **self._sign_config()}
 
     @classmethod
     def from_weight_and_mask(cls, weight: torch.Tensor, mask: torch.Tensor,
-                             bias: torch.Tensor | None = None, atol: float = 1e-6
+                             bias: torch.Tensor | None = None, atol: float = 1e-6, *,
+                             signs: str = "bits", sign_seed: int | None = None
                              ) -> SupermaskLinear:
         """Pack ``weight * mask`` (kept weights must be ``+-c`` for one ``c``, within ``atol``
-        relative)."""
+        relative). ``signs``: ``"bits"``, ``"seed"`` (``sign_seed`` must regenerate every kept
+        sign, else ``ValueError``) or ``"auto"`` (the seed when it does, else the bits)."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
-        mask_bits, sign_bits, scale = _pack_weight_and_mask(weight, mask, atol)
+        mask_bits, sign_bits, scale, seed = _pack_weight_and_mask(weight, mask, atol, signs,
+                                                                  sign_seed)
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device)
-        layer.mask_bits.copy_(mask_bits)
-        layer.sign_bits.copy_(sign_bits)
-        layer.scale.fill_(scale)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
+                    device=weight.device, sign_mode="bits" if seed is None else "seed")
+        layer._fill(mask_bits, sign_bits, scale, seed, bias)
         return layer
 
     @classmethod
-    def from_subnet(cls, module: nn.Module, atol: float = 1e-6) -> SupermaskLinear:
-        """From a trained SubnetLinear (``weight``, ``scores``, ``k``, ``bias``)."""
+    def from_subnet(cls, module: nn.Module, atol: float = 1e-6, signs: str = "bits"
+                    ) -> SupermaskLinear:
+        """From a trained SubnetLinear (``weight``, ``scores``, ``k``, ``bias``, and
+        ``sign_seed`` for ``signs`` "seed" / "auto")."""
         weight, mask = subnet_weight_and_mask(module)
-        return cls.from_weight_and_mask(weight, mask, getattr(module, "bias", None), atol)
+        return cls.from_weight_and_mask(weight, mask, getattr(module, "bias", None), atol,
+                                        signs=signs, sign_seed=getattr(module, "sign_seed", None))
 
     def dense_weight(self) -> torch.Tensor:
         """The effective float32 weight ``[out, in]`` (for checks; the forward never builds it)."""
         return unpack_ternary(self.mask_bits, self.sign_bits, float(self.scale), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ternary_linear(x, self.mask_bits, self.sign_bits, float(self.scale),
-                              self.in_features, self.bias)
+        return self._apply_bits(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{self._sign_repr()}")
 
 
-class SupermaskConv2d(nn.Module):
+class SupermaskConv2d(_SupermaskBase):
     """An edge-popup Conv2d from packed bits.
 
     The bits hold the weight ``[out, in / groups, kh, kw]`` flattened per output channel
     (``fan_in = in / groups * kh * kw`` bits per row, in PyTorch's weight order). The forward is
-    im2col + :func:`~subkern.ops.ternary.ternary_linear` per group: ``F.unfold`` materialises the
+    im2col + the ternary matmul per group: ``F.unfold`` materialises the
     ``[N * Hout * Wout, in / groups * kh * kw]`` patch matrix (``kh * kw`` times the input size
     for stride 1), so the memory is that of an im2col convolution, never that of a dense weight.
-    Only zero padding (``padding_mode='zeros'``) is supported.
+    Only zero padding (``padding_mode='zeros'``) is supported. ``sign_mode`` as
+    :class:`SupermaskLinear`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, sign_mode: str = "bits") -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError("in_channels and out_channels must be divisible by groups")
@@ -179,11 +355,23 @@ class SupermaskConv2d(nn.Module):
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
         self.groups = int(groups)
-        _register_packed_buffers(self, self.out_channels, self.fan_in, bias, device)
+        self.sign_mode = sign_mode
+        _register_packed_buffers(self, self.out_channels, self.fan_in, bias, device, sign_mode)
 
     @property
     def fan_in(self) -> int:
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def _rows_and_fan_in(self) -> tuple[int, int]:
+        return self.out_channels, self.fan_in
+
+    def deploy_config(self) -> dict:
+        """Constructor keyword arguments (JSON-able) for the deployment module tree (as
+        :meth:`SupermaskLinear.deploy_config`)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation),
+                "groups": self.groups, "bias": self.bias is not None, **self._sign_config()}
 
     @classmethod
     def from_weight_and_mask(cls, weight: torch.Tensor, mask: torch.Tensor,
@@ -191,23 +379,24 @@ class SupermaskConv2d(nn.Module):
                              stride: int | tuple[int, int] = 1,
                              padding: int | tuple[int, int] = 0,
                              dilation: int | tuple[int, int] = 1, groups: int = 1,
-                             atol: float = 1e-6) -> SupermaskConv2d:
+                             atol: float = 1e-6, signs: str = "bits",
+                             sign_seed: int | None = None) -> SupermaskConv2d:
+        """As :meth:`SupermaskLinear.from_weight_and_mask` for a 4-D weight."""
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4-D [out, in/groups, kh, kw], got "
                              f"{tuple(weight.shape)}")
-        mask_bits, sign_bits, scale = _pack_weight_and_mask(weight, mask, atol)
+        mask_bits, sign_bits, scale, seed = _pack_weight_and_mask(weight, mask, atol, signs,
+                                                                  sign_seed)
         out, cin_g, kh, kw = weight.shape
         layer = cls(cin_g * groups, out, (kh, kw), stride, padding, dilation, groups,
-                    bias=bias is not None, device=weight.device)
-        layer.mask_bits.copy_(mask_bits)
-        layer.sign_bits.copy_(sign_bits)
-        layer.scale.fill_(scale)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
+                    bias=bias is not None, device=weight.device,
+                    sign_mode="bits" if seed is None else "seed")
+        layer._fill(mask_bits, sign_bits, scale, seed, bias)
         return layer
 
     @classmethod
-    def from_subnet(cls, module: nn.Module, atol: float = 1e-6) -> SupermaskConv2d:
+    def from_subnet(cls, module: nn.Module, atol: float = 1e-6, signs: str = "bits"
+                    ) -> SupermaskConv2d:
         """From a trained SubnetConv2d (an ``nn.Conv2d`` with ``scores`` and ``k``)."""
         mode = getattr(module, "padding_mode", "zeros")
         if mode != "zeros":
@@ -219,7 +408,8 @@ class SupermaskConv2d(nn.Module):
         return cls.from_weight_and_mask(weight, mask, getattr(module, "bias", None),
                                         stride=module.stride, padding=padding,
                                         dilation=module.dilation, groups=module.groups,
-                                        atol=atol)
+                                        atol=atol, signs=signs,
+                                        sign_seed=getattr(module, "sign_seed", None))
 
     def dense_weight(self) -> torch.Tensor:
         """The effective float32 weight ``[out, in / groups, kh, kw]``."""
@@ -235,7 +425,6 @@ class SupermaskConv2d(nn.Module):
                           / self.stride[0] + 1)
         wout = math.floor((w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1)
                           / self.stride[1] + 1)
-        scale = float(self.scale)
         cin_g = self.in_channels // self.groups
         cout_g = self.out_channels // self.groups
         outs = []
@@ -246,10 +435,8 @@ class SupermaskConv2d(nn.Module):
             cols = F.unfold(xg, self.kernel_size, dilation=self.dilation, padding=self.padding,
                             stride=self.stride)
             cols = cols.transpose(1, 2).reshape(-1, self.fan_in)
-            rows = slice(g * cout_g, (g + 1) * cout_g)
-            bias = None if self.bias is None else self.bias[rows]
-            y = ternary_linear(cols, self.mask_bits[rows], self.sign_bits[rows], scale,
-                               self.fan_in, bias)
+            rows = None if self.groups == 1 else slice(g * cout_g, (g + 1) * cout_g)
+            y = self._apply_bits(cols, g, rows)
             outs.append(y.reshape(n, hout * wout, cout_g))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return y.transpose(1, 2).reshape(n, self.out_channels, hout, wout)
@@ -257,4 +444,4 @@ class SupermaskConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}")
+                f"groups={self.groups}, bias={self.bias is not None}{self._sign_repr()}")

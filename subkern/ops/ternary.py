@@ -31,6 +31,26 @@ float32 and return ``x``'s dtype). Implementations: the torch reference (unpack 
 ``{-c, 0, +c}`` matrix, then ``F.linear``), C++ CPU (AVX-512 with the bits as lane masks, AVX2,
 portable), Triton (bits unpacked in registers) and CUDA. The gradient with respect to ``x`` and
 ``bias`` is defined (through the dense matrix; the bits and the scale get none).
+
+Prepacked layout (CPU inference at small batch)
+-----------------------------------------------
+``subkern::ternary_prepack(Tensor mask_bits, Tensor sign_bits, int in_features) -> Tensor``
+re-lays the bits once (at load) into ``uint8 [ceil(out / 16), ceil(in / 4) * 16]``: output rows in
+blocks of 16, inputs in groups of 4; for block ``q`` and group ``g`` the 16 bytes
+``packed[q, 16 g : 16 g + 16]`` hold in byte ``r`` the bits of row ``o = 16 q + r`` on inputs
+``4 g .. 4 g + 3``: low nibble ``P = M & S`` (``+c``), high nibble ``N = M & ~S`` (``-c``), bit
+``j`` of a nibble = input ``4 g + j``; rows past ``out`` and inputs past ``in`` are zero (same 2
+bits per weight as the words).
+
+``subkern::ternary_linear_prepacked(Tensor x, Tensor packed, float scale, int in_features,
+int out_features, Tensor? bias) -> Tensor`` computes the same ``y`` from it by nibble lookup
+tables: with ``T_bg[p] = sum_{j in p} x[b, 4 g + j]`` (16 floats per group of 4 inputs, built once
+per call and batch row), ``y[b, o] = scale * sum_g (T_bg[P_og] - T_bg[N_og]) + bias[o]``. The
+AVX-512 kernel looks 16 rows up at once (``vpmovzxbd`` of the 16 bytes, then ``vpermps`` of the
+table by the low nibbles and, after a shift, by the high nibbles): 64 weights in about 6 uops,
+against 8 for the bit-mask kernel. Its reference unpacks the layout (:func:`unprepack_ternary`)
+and runs ``F.linear``. :class:`subkern.nn.SupermaskLinear` builds the layout lazily on its first
+CPU forward and uses it for small batches (:data:`PREPACKED_MAX_BATCH`).
 """
 
 from __future__ import annotations
@@ -40,6 +60,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from .. import backend as _backend
 from .binary import pack_bits, unpack_bits
 from .library import LIB, has_kernel, qualname
@@ -54,6 +75,14 @@ __all__ = [
     "ternary_linear",
     "reference_ternary_linear",
     "SUPPORTED_BACKENDS",
+    "ternary_prepack",
+    "unprepack_ternary",
+    "ternary_linear_prepacked",
+    "reference_ternary_linear_prepacked",
+    "prepacked_shape",
+    "PREPACKED_MAX_BATCH",
+    "prepacked_preferred",
+    "ternary_linear_prepacked_cpu",
 ]
 
 #: Bits per storage word of ``mask_bits`` / ``sign_bits`` (int64 holding unsigned 64-bit words).
@@ -63,6 +92,18 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 LIB.define("ternary_linear(Tensor x, Tensor mask_bits, Tensor sign_bits, float scale, "
            "int in_features, Tensor? bias) -> Tensor")
+LIB.define("ternary_prepack(Tensor mask_bits, Tensor sign_bits, int in_features) -> Tensor")
+LIB.define("ternary_linear_prepacked(Tensor x, Tensor packed, float scale, int in_features, "
+           "int out_features, Tensor? bias) -> Tensor")
+
+#: Rows per block and inputs per group of the prepacked layout.
+PREPACK_BLOCK_ROWS = 16
+PREPACK_GROUP = 4
+#: Largest batch (rows of ``x``; im2col rows for a convolution) for which the Supermask layers
+#: use the prepacked kernel on CPU. It beat the bit-mask kernel at every batch measured (1 to 256,
+#: ``subkern bench --ops ternary``); the bound keeps its tables (``64 * in_features`` bytes per
+#: row) small, and large batches are where dense matmuls win anyway.
+PREPACKED_MAX_BATCH = 64
 
 
 def words_for(in_features: int) -> int:
@@ -274,4 +315,233 @@ def ternary_linear(x: torch.Tensor, mask_bits: torch.Tensor, sign_bits: torch.Te
         y = _triton_kernel(x2, mask_bits, sign_bits, scale, in_features, bias)
     else:
         y = torch.ops.subkern.ternary_linear(x2, mask_bits, sign_bits, scale, in_features, bias)
+    return y.reshape(*lead, out_features)
+
+
+# --------------------------------------------------------------------------------------------
+# Prepacked layout (nibble lookup tables)
+# --------------------------------------------------------------------------------------------
+
+def prepacked_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """Shape of the prepacked layout: ``(ceil(out / 16), ceil(in / 4) * 16)`` (uint8)."""
+    return (-(-out_features // PREPACK_BLOCK_ROWS),
+            -(-in_features // PREPACK_GROUP) * PREPACK_BLOCK_ROWS)
+
+
+def _prepack_impl(mask_bits: torch.Tensor, sign_bits: torch.Tensor, in_features: int
+                  ) -> torch.Tensor:
+    """Torch integer ops: words -> nibbles (4 inputs each) -> blocks of 16 rows."""
+    out = mask_bits.shape[0]
+    nblocks, width = prepacked_shape(out, in_features)
+    groups = width // PREPACK_BLOCK_ROWS
+    device = mask_bits.device
+    packed = torch.zeros((nblocks * PREPACK_BLOCK_ROWS, groups), dtype=torch.uint8,
+                         device=device)
+    if out and groups:
+        valid = pack_rows(torch.ones((1, in_features), dtype=torch.bool, device=device))
+        m = mask_bits.contiguous() & valid
+        s = sign_bits.contiguous()
+        pos = (m & s).view(torch.uint8)          # [out, 8 W]: byte k = inputs 8k .. 8k + 7
+        neg = (m & ~s).view(torch.uint8)
+        # byte k -> nibbles 2k (inputs 8k .. 8k + 3) and 2k + 1 (8k + 4 .. 8k + 7)
+        pn = torch.stack((pos & 15, pos >> 4), dim=-1).reshape(out, -1)[:, :groups]
+        nn_ = torch.stack((neg & 15, neg >> 4), dim=-1).reshape(out, -1)[:, :groups]
+        packed[:out] = pn | (nn_ << 4)
+    # [blocks * 16, G] -> [blocks, G, 16]: the 16 rows of a block are adjacent per group
+    return (packed.reshape(nblocks, PREPACK_BLOCK_ROWS, groups).transpose(1, 2)
+            .reshape(nblocks, width).contiguous())
+
+
+LIB.impl("ternary_prepack", _prepack_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(qualname("ternary_prepack"))
+def _ternary_prepack_fake(mask_bits: torch.Tensor, sign_bits: torch.Tensor, in_features: int
+                          ) -> torch.Tensor:
+    return mask_bits.new_empty(prepacked_shape(mask_bits.shape[0], in_features),
+                               dtype=torch.uint8)
+
+
+def ternary_prepack(mask_bits: torch.Tensor, sign_bits: torch.Tensor, in_features: int
+                    ) -> torch.Tensor:
+    """The prepacked layout (module docstring) of a packed ternary matrix, ``uint8
+    [ceil(out / 16), ceil(in / 4) * 16]``; a one-off cost at load (torch integer ops)."""
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
+        raise ValueError(f"in_features must be a non-negative int, got {in_features!r}")
+    nwords = words_for(in_features)
+    mask_bits = _check_bits("mask_bits", mask_bits, None, nwords)
+    sign_bits = _check_bits("sign_bits", sign_bits, mask_bits.shape[0], nwords)
+    if sign_bits.device != mask_bits.device:
+        raise ValueError(f"sign_bits is on {sign_bits.device} but mask_bits is on "
+                         f"{mask_bits.device}")
+    return torch.ops.subkern.ternary_prepack(mask_bits, sign_bits, in_features)
+
+
+def _unprepack_signs(packed: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """``int8 [out, in]`` with entries ``+1`` (P), ``-1`` (N), ``0`` from the prepacked layout."""
+    nblocks, width = packed.shape
+    groups = width // PREPACK_BLOCK_ROWS
+    rows = (packed.reshape(nblocks, groups, PREPACK_BLOCK_ROWS).transpose(1, 2)
+            .reshape(nblocks * PREPACK_BLOCK_ROWS, groups)[:out_features])
+    shifts = torch.arange(PREPACK_GROUP, dtype=torch.uint8, device=packed.device)
+    p = ((rows & 15).unsqueeze(-1) >> shifts) & 1                 # [out, G, 4]
+    n = ((rows >> 4).unsqueeze(-1) >> shifts) & 1
+    t = p.to(torch.int8) - n.to(torch.int8)
+    return t.reshape(out_features, groups * PREPACK_GROUP)[:, :in_features]
+
+
+def unprepack_ternary(packed: torch.Tensor, scale: float, in_features: int, out_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense matrix ``scale * (P - N)`` of a prepacked layout, ``dtype [out, in]``."""
+    return _unprepack_signs(packed, in_features, out_features).to(dtype) * scale
+
+
+def reference_ternary_linear_prepacked(x: torch.Tensor, packed: torch.Tensor, scale: float,
+                                       in_features: int, out_features: int,
+                                       bias: torch.Tensor | None) -> torch.Tensor:
+    """Ground truth of the prepacked op: unpack the layout, ``F.linear`` in float32."""
+    w = unprepack_ternary(packed, scale, in_features, out_features, torch.float32)
+    b = None if bias is None else bias.to(torch.float32)
+    return F.linear(x.to(torch.float32), w, b).to(x.dtype)
+
+
+LIB.impl("ternary_linear_prepacked", reference_ternary_linear_prepacked,
+         "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(qualname("ternary_linear_prepacked"))
+def _ternary_linear_prepacked_fake(x: torch.Tensor, packed: torch.Tensor, scale: float,
+                                   in_features: int, out_features: int,
+                                   bias: torch.Tensor | None) -> torch.Tensor:
+    torch._check(x.dim() == 2, lambda: "x must be 2-D [batch, in_features]")
+    torch._check(x.shape[1] == in_features, lambda: "x.shape[1] != in_features")
+    torch._check(packed.dim() == 2, lambda: "packed must be 2-D")
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _setup_context_prepacked(ctx, inputs, output) -> None:
+    x, packed, scale, in_features, out_features, bias = inputs
+    ctx.save_for_backward(packed)
+    ctx.scale = scale
+    ctx.shape = (in_features, out_features)
+    ctx.x_dtype = x.dtype
+    ctx.bias_meta = None if bias is None else (bias.dtype,)
+
+
+def _backward_prepacked(ctx, grad: torch.Tensor):
+    (packed,) = ctx.saved_tensors
+    w = unprepack_ternary(packed, ctx.scale, *ctx.shape, torch.float32)
+    grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
+    grad_bias = None
+    if ctx.bias_meta is not None:
+        grad_bias = grad.to(torch.float32).sum(0).to(ctx.bias_meta[0])
+    return grad_x, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd(qualname("ternary_linear_prepacked"), _backward_prepacked,
+                                setup_context=_setup_context_prepacked)
+
+PREPACKED_BACKENDS = ("reference", "cpp")
+_LUT_ISA = "avx512vpopcntdq"
+
+
+_lut_state: dict[str, object] = {}
+
+
+def _lut_kernel_present() -> bool:
+    """Whether ``_C`` registered the C++ prepacked kernel (checked once: kernels stay)."""
+    present = _lut_state.get("present")
+    if present is None:
+        present = _lut_state["present"] = (has_kernel("ternary_linear_prepacked", "CPU")
+                                           and _ext.extension() is not None)
+    return bool(present)
+
+
+def prepacked_preferred(x: torch.Tensor, in_features: int) -> bool:
+    """Whether :func:`ternary_linear_prepacked` is the faster CPU path for ``x``: a CPU tensor,
+    at most :data:`PREPACKED_MAX_BATCH` rows, the ``auto`` or ``cpp`` backend, the C++ kernel
+    present, AVX-512 active (the nibble-table kernel needs ``vpermps`` on 16 lanes; other CPUs run
+    the bit-mask kernel of :func:`ternary_linear`), not under ``torch.compile`` (whose graphs
+    call :func:`ternary_linear`). Costs about a microsecond."""
+    if not x.is_cpu:
+        return False
+    if in_features and x.numel() > PREPACKED_MAX_BATCH * in_features:
+        return False
+    if not _lut_kernel_present() or torch.compiler.is_compiling():
+        return False
+    if _backend.get_backend() not in ("auto", "cpp"):
+        return False
+    return _ext.extension().cpu_isa() == _LUT_ISA
+
+
+def ternary_linear_prepacked_cpu(x: torch.Tensor, packed: torch.Tensor, scale: float,
+                                 in_features: int, out_features: int,
+                                 bias: torch.Tensor | None) -> torch.Tensor:
+    """The C++ prepacked kernel with only the checks its callers cannot have made: for modules
+    that hold a validated ``packed`` / ``bias`` and asked :func:`prepacked_preferred` (the
+    kernel itself checks shapes and dtypes again, in C++)."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    op = torch.ops.subkern.ternary_linear_prepacked.default
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        y = op(x2, packed, scale, in_features, out_features, bias)
+    else:
+        # Inference: skip the (Python) autograd kernel of the op, about 4 us of a call that
+        # takes tens of microseconds at batch 1.
+        with torch._C._AutoDispatchBelowAutograd():
+            y = op(x2, packed, scale, in_features, out_features, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def ternary_linear_prepacked(x: torch.Tensor, packed: torch.Tensor, scale: float,
+                             in_features: int, out_features: int,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = scale * x @ (P - N)^T + bias`` from the prepacked layout (:func:`ternary_prepack`).
+
+    Same result as :func:`ternary_linear` on the bits it was made from (float32 summation order
+    aside). ``x``: ``[..., in_features]`` float32/bfloat16/float16; returns ``[..., out_features]``
+    in ``x``'s dtype. Backends: the C++ CPU kernel (nibble lookup tables) and the reference.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    want = prepacked_shape(out_features, in_features)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+        raise ValueError(f"packed must be uint8 {want} (ternary_prepack of a {out_features} x "
+                         f"{in_features} layer), got {packed.dtype} {tuple(packed.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (out_features,):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a tensor of shape ({out_features},), got {got}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        bias = bias.contiguous()
+    for name, t in (("packed", packed), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    packed = packed.contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    scale = float(scale)
+    chosen = _backend.resolve("ternary_linear_prepacked", x.device, PREPACKED_BACKENDS)
+    if chosen == "reference":
+        y = reference_ternary_linear_prepacked(x2, packed, scale, in_features, out_features, bias)
+    else:
+        y = torch.ops.subkern.ternary_linear_prepacked(x2, packed, scale, in_features,
+                                                       out_features, bias)
     return y.reshape(*lead, out_features)
