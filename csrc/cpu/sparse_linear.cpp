@@ -1,0 +1,992 @@
+// C++ CPU kernels of subkern::csr_linear, subkern::csr_matmul and subkern::bitmap_linear
+// (schemas and the format contract: subkern/ops/sparse_linear.py).
+//
+//   csr_linear(x [B, in], row_ptr int64 [out+1], col_idx int16|int32 [nnz], values [nnz], in,
+//              bias [out]?) -> y [B, out]:   y[b, o] = sum_j values[j] * x[b, col_idx[j]] + bias[o]
+//   csr_matmul(row_ptr, col_idx, values, X [in, N], in) -> Y [out, N]:
+//              Y[o, n] = sum_j values[j] * X[col_idx[j], n]
+//   bitmap_linear(x [B, in], bitmap int64 [out, ceil(in/64)], row_ptr, values, in, bias?) -> y
+//
+// int16 column indices hold unsigned 16-bit patterns (columns 0 .. 65535). Values are float32,
+// bfloat16 or float16 (converted in registers), x float32/bfloat16/float16 (converted once per
+// call); every sum is accumulated in float32.
+//
+// Design
+// ------
+// * SpMV (csr_linear, batch <= kSpmvMaxBatch; memory bound): per row, 16 nonzeros at a time: the
+//   16 column indices (zero-extended from 16 bits) drive an AVX-512 gather of x, one FMA with the
+//   16 values (AVX2: 8 at a time). Up to 4 batch rows share each index/value load.
+// * SpMM (csr_linear with a larger batch, csr_matmul): x is transposed once per call to
+//   xT [in, B] so that the B activations of one input feature are contiguous; then for each
+//   nonzero (o, i, v): y[o, b : b + 16 K] += v * xT[i, b : b + 16 K] with K <= 4 accumulator
+//   registers (one broadcast, K loads + K FMAs per nonzero). Rows are processed in blocks whose
+//   nonzeros fit L1, and every batch block of 64 columns runs against the block, so the weight is
+//   read from memory once per call and xT's rows are reused from cache.
+// * bitmap_linear: per 16-bit chunk of a row's bitmap, _mm512_maskz_expandloadu_ps (vexpandps)
+//   spreads the next popcount(chunk) values of the row into the set lanes, one FMA with 16 x
+//   values (the x row is zero-padded to whole 64-bit words). bf16/fp16 values use the 16-bit
+//   expand of AVX512-VBMI2 when the CPU has it. AVX2 and the portable level walk the set bits.
+// * Threads: at::get_num_threads() workers (fewer for small calls) over contiguous row ranges of
+//   equal cost (nonzeros + a per-row term), not equal row counts: STR's per-layer and per-row
+//   budgets are non-uniform. Results do not depend on the thread count.
+// * Validation: row_ptr is checked up front (starts at 0, non-decreasing, ends at nnz; bitmap:
+//   each row's popcount equals its row_ptr span). Column indices are clamped to [0, in) in the
+//   inner loops (so a corrupt index never reads outside x) and their maximum is tracked; a call
+//   with an out-of-range index raises after the kernel instead of returning a wrong answer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SUBKERN_SPARSE_X86 1
+#include <immintrin.h>
+#else
+#define SUBKERN_SPARSE_X86 0
+#endif
+
+namespace subkern::cpu {
+namespace {
+
+// Batch sizes up to this run the gather SpMV (its gathers scale with the batch); larger ones the
+// transposed SpMM (measured: SpMV wins at batch 2 and 3, ties at 4, on AVX-512).
+constexpr int64_t kSpmvMaxBatch = 3;
+// Calls with less work (nonzeros x batch) than this per thread use fewer threads.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
+// Per-row cost in nonzero-equivalents for the thread partition (loop and store overhead).
+constexpr int64_t kRowCost = 8;
+// SpMM: nonzeros per row block (indices + values stay in L1 across the batch blocks).
+constexpr int64_t kBlockNnz = 2048;
+constexpr int64_t kWordBits = 64;
+
+enum class ValT { F32, BF16, F16 };
+enum class IdxT { U16, I32 };
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers
+// ---------------------------------------------------------------------------------------------
+
+inline float bf16_to_f(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <ValT V>
+inline float value_at(const void* values, int64_t j) {
+  if constexpr (V == ValT::F32) {
+    return static_cast<const float*>(values)[j];
+  } else if constexpr (V == ValT::BF16) {
+    return bf16_to_f(static_cast<const uint16_t*>(values)[j]);
+  } else {
+    return static_cast<float>(static_cast<const c10::Half*>(values)[j]);
+  }
+}
+
+template <IdxT I>
+inline uint32_t index_at(const void* idx, int64_t j) {
+  if constexpr (I == IdxT::U16) {
+    return static_cast<const uint16_t*>(idx)[j];
+  } else {
+    return static_cast<uint32_t>(static_cast<const int32_t*>(idx)[j]);
+  }
+}
+
+// Largest column index in [s, e) (vectorised by the compiler inside each ISA's kernel).
+template <IdxT I>
+inline uint32_t max_index(const void* idx, int64_t s, int64_t e) {
+  uint32_t m = 0;
+  if constexpr (I == IdxT::U16) {
+    const uint16_t* p = static_cast<const uint16_t*>(idx);
+    uint16_t m16 = 0;
+    for (int64_t j = s; j < e; ++j) m16 = p[j] > m16 ? p[j] : m16;
+    m = m16;
+  } else {
+    const uint32_t* p = static_cast<const uint32_t*>(idx);
+    for (int64_t j = s; j < e; ++j) m = p[j] > m ? p[j] : m;
+  }
+  return m;
+}
+
+// End of the row block starting at row o (rows up to r1): about kBlockNnz nonzeros, >= 1 row.
+inline int64_t block_end(const int64_t* row_ptr, int64_t o, int64_t r1, int64_t block_nnz) {
+  int64_t o1 = o + 1;
+  while (o1 < r1 && row_ptr[o1 + 1] - row_ptr[o] <= block_nnz) ++o1;
+  return o1;
+}
+
+// SpMM batch-block width (a multiple of `lanes`, at most 4 vectors): the slice of X that one
+// block of rows touches, in x width floats, should stay in L2 (about kSpmmSliceBytes).
+constexpr int64_t kSpmmSliceBytes = int64_t(8) << 20;
+inline int64_t spmm_width(int64_t in, int64_t lanes) {
+  const int64_t fit = kSpmmSliceBytes / (std::max<int64_t>(in, 1) * 4) / lanes * lanes;
+  return std::clamp<int64_t>(fit, lanes, 4 * lanes);
+}
+
+// Everything one kernel call needs.
+struct Csr {
+  const int64_t* row_ptr;
+  const void* col;      // uint16 or int32 [nnz]
+  const void* val;      // float / bf16 / fp16 [nnz]
+  int64_t out;
+  int64_t in;
+};
+
+// Column-range watchdog: kernels clamp indices to in - 1 and report the largest one seen.
+struct ColGuard {
+  std::atomic<uint32_t> max_seen{0};
+  void report(uint32_t m) {
+    uint32_t cur = max_seen.load(std::memory_order_relaxed);
+    while (m > cur && !max_seen.compare_exchange_weak(cur, m)) {
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable kernels
+// ---------------------------------------------------------------------------------------------
+
+// SpMV / small-batch: y[b, o] for rows [r0, r1), batch rows [0, B) of x [B, ldx].
+template <ValT V, IdxT I>
+void spmv_portable(const Csr& w, const float* x, int64_t ldx, int64_t B, float* y, int64_t ldy,
+                   int64_t r0, int64_t r1, uint32_t& maxc) {
+  const uint32_t last = static_cast<uint32_t>(w.in - 1);
+  for (int64_t o = r0; o < r1; ++o) {
+    const int64_t s = w.row_ptr[o], e = w.row_ptr[o + 1];
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * ldx;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+      int64_t j = s;
+      for (; j + 4 <= e; j += 4) {
+        uint32_t c0 = index_at<I>(w.col, j), c1 = index_at<I>(w.col, j + 1);
+        uint32_t c2 = index_at<I>(w.col, j + 2), c3 = index_at<I>(w.col, j + 3);
+        maxc = std::max({maxc, c0, c1, c2, c3});
+        a0 += value_at<V>(w.val, j) * xb[std::min(c0, last)];
+        a1 += value_at<V>(w.val, j + 1) * xb[std::min(c1, last)];
+        a2 += value_at<V>(w.val, j + 2) * xb[std::min(c2, last)];
+        a3 += value_at<V>(w.val, j + 3) * xb[std::min(c3, last)];
+      }
+      for (; j < e; ++j) {
+        uint32_t c = index_at<I>(w.col, j);
+        maxc = std::max(maxc, c);
+        a0 += value_at<V>(w.val, j) * xb[std::min(c, last)];
+      }
+      y[b * ldy + o] = (a0 + a1) + (a2 + a3);
+    }
+  }
+}
+
+// SpMM: Y[o, n] = sum_j v_j * X[c_j, n] for rows [r0, r1), X [in, ldx] with N columns.
+// The caller has checked the rows' column indices (every index < in).
+template <ValT V, IdxT I>
+void spmm_rows_portable(const Csr w, const float* X, int64_t ldx, int64_t N, float* Y,
+                        int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    float* yo = Y + o * ldy;
+    for (int64_t n = 0; n < N; ++n) yo[n] = 0.f;
+    for (int64_t j = w.row_ptr[o]; j < w.row_ptr[o + 1]; ++j) {
+      const float v = value_at<V>(w.val, j);
+      const float* xr = X + static_cast<int64_t>(index_at<I>(w.col, j)) * ldx;
+      for (int64_t n = 0; n < N; ++n) yo[n] += v * xr[n];
+    }
+  }
+}
+
+template <ValT V, IdxT I>
+void spmm_portable(const Csr& w, const float* X, int64_t ldx, int64_t N, float* Y, int64_t ldy,
+                   int64_t r0, int64_t r1, uint32_t& maxc) {
+  for (int64_t o = r0; o < r1;) {
+    const int64_t o1 = block_end(w.row_ptr, o, r1, kBlockNnz);
+    const uint32_t m = max_index<I>(w.col, w.row_ptr[o], w.row_ptr[o1]);
+    maxc = std::max(maxc, m);
+    if (m < static_cast<uint64_t>(w.in)) spmm_rows_portable<V, I>(w, X, ldx, N, Y, ldy, o, o1);
+    o = o1;
+  }
+}
+
+inline int popcount64(uint64_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_popcountll(v);
+#else
+  int n = 0;
+  while (v) { v &= v - 1; ++n; }
+  return n;
+#endif
+}
+
+inline int ctz64(uint64_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctzll(v);
+#else
+  int n = 0;
+  while (!(v & 1)) { v >>= 1; ++n; }
+  return n;
+#endif
+}
+
+struct Bitmap {
+  const uint64_t* bits;   // [out, W]
+  int64_t W;
+  const int64_t* row_ptr;
+  const void* val;
+  int64_t out;
+};
+
+// Bitmap rows [r0, r1) against batch rows [0, B) of x [B, ldx] (ldx >= W * 64, zero-padded).
+template <ValT V>
+void bitmap_portable(const Bitmap& w, const float* x, int64_t ldx, int64_t B, float* y,
+                     int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    const uint64_t* bits = w.bits + o * w.W;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * ldx;
+      int64_t j = w.row_ptr[o];
+      float acc = 0.f;
+      for (int64_t q = 0; q < w.W; ++q) {
+        uint64_t m = bits[q];
+        const float* xq = xb + q * kWordBits;
+        while (m) {
+          acc += value_at<V>(w.val, j++) * xq[ctz64(m)];
+          m &= m - 1;
+        }
+      }
+      y[b * ldy + o] = acc;
+    }
+  }
+}
+
+#if SUBKERN_SPARSE_X86
+#define SK_S_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
+#define SK_S_VBMI2 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,f16c,fma")))
+#define SK_S_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+// ---------------------------------------------------------------------------------------------
+
+template <ValT V>
+SK_S_AVX512 inline __m512 load_values16(const void* values, int64_t j, __mmask16 m) {
+  if constexpr (V == ValT::F32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(values) + j);
+  } else {
+    const __m256i h =
+        _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(values) + j);
+    if constexpr (V == ValT::BF16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+template <IdxT I>
+SK_S_AVX512 inline __m512i load_index16(const void* idx, int64_t j, __mmask16 m) {
+  if constexpr (I == IdxT::U16) {
+    return _mm512_cvtepu16_epi32(
+        _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(idx) + j));
+  } else {
+    return _mm512_maskz_loadu_epi32(m, static_cast<const int32_t*>(idx) + j);
+  }
+}
+
+template <ValT V>
+SK_S_AVX512 inline float value_at_avx512(const void* values, int64_t j) {
+  if constexpr (V == ValT::F16) {
+    return _cvtsh_ss(static_cast<const uint16_t*>(values)[j]);
+  } else {
+    return value_at<V>(values, j);
+  }
+}
+
+// Rows [r0, r1) x batch rows [b0, b0 + NB) with gathers; NB batch rows share index/value loads.
+template <ValT V, IdxT I, int NB>
+SK_S_AVX512 void spmv_avx512(const Csr& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                             int64_t r0, int64_t r1, int64_t b0, uint32_t& maxc) {
+  const __m512i last = _mm512_set1_epi32(static_cast<int>(w.in - 1));
+  __m512i vmax = _mm512_setzero_si512();
+  const float* xb = x + b0 * ldx;
+  for (int64_t o = r0; o < r1; ++o) {
+    const int64_t s = w.row_ptr[o], e = w.row_ptr[o + 1];
+    __m512 acc[NB][2];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+    int64_t j = s;
+    for (; j + 32 <= e; j += 32) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m512i c = load_index16<I>(w.col, j + 16 * h, 0xFFFF);
+        vmax = _mm512_max_epu32(vmax, c);
+        c = _mm512_min_epu32(c, last);
+        const __m512 v = load_values16<V>(w.val, j + 16 * h, 0xFFFF);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          const __m512 g = _mm512_i32gather_ps(c, xb + b * ldx, 4);
+          acc[b][h] = _mm512_fmadd_ps(v, g, acc[b][h]);
+        }
+      }
+    }
+    for (; j < e; j += 16) {
+      const int64_t n = std::min<int64_t>(16, e - j);
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      __m512i c = load_index16<I>(w.col, j, m);
+      vmax = _mm512_max_epu32(vmax, c);
+      c = _mm512_min_epu32(c, last);
+      const __m512 v = load_values16<V>(w.val, j, m);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, xb + b * ldx, 4);
+        acc[b][0] = _mm512_fmadd_ps(v, g, acc[b][0]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+      y[(b0 + b) * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+    }
+  }
+  maxc = std::max(maxc, static_cast<uint32_t>(_mm512_reduce_max_epu32(vmax)));
+}
+
+// One row against columns [n0, n0 + 16 K) of X [in, ldx] (the last vector masked by `tail`):
+// nonzeros [s, e) of the row, whose column indices the caller has checked.
+// U independent partial sums per vector hide the FMA latency (8 accumulators in flight).
+template <ValT V, IdxT I, int K>
+SK_S_AVX512 inline void spmm_row_avx512(const void* __restrict col, const void* __restrict val,
+                                        int64_t s, int64_t e, const float* X, int64_t ldx,
+                                        float* yo, __mmask16 tail) {
+  constexpr int U = K >= 3 ? 2 : 8 / K;
+  __m512 acc[U][K];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) acc[u][k] = _mm512_setzero_ps();
+  }
+  int64_t j = s;
+  for (; j + U <= e; j += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const __m512 v = _mm512_set1_ps(value_at_avx512<V>(val, j + u));
+      const float* xr = X + static_cast<int64_t>(index_at<I>(col, j + u)) * ldx;
+#pragma GCC unroll 4
+      for (int k = 0; k < K - 1; ++k) {
+        acc[u][k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * k), acc[u][k]);
+      }
+      acc[u][K - 1] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(tail, xr + 16 * (K - 1)),
+                                      acc[u][K - 1]);
+    }
+  }
+  for (; j < e; ++j) {
+    const __m512 v = _mm512_set1_ps(value_at_avx512<V>(val, j));
+    const float* xr = X + static_cast<int64_t>(index_at<I>(col, j)) * ldx;
+#pragma GCC unroll 4
+    for (int k = 0; k < K - 1; ++k) {
+      acc[0][k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * k), acc[0][k]);
+    }
+    acc[0][K - 1] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(tail, xr + 16 * (K - 1)),
+                                    acc[0][K - 1]);
+  }
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) acc[0][k] = _mm512_add_ps(acc[0][k], acc[u][k]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < K - 1; ++k) _mm512_storeu_ps(yo + 16 * k, acc[0][k]);
+  _mm512_mask_storeu_ps(yo + 16 * (K - 1), tail, acc[0][K - 1]);
+}
+
+// Rows [r0, r1): blocks of rows holding about kBlockNnz nonzeros (their indices and values stay
+// in L1) run against every 64-column block of X; a block with an out-of-range index is skipped
+// (the caller raises).
+template <ValT V, IdxT I>
+SK_S_AVX512 void spmm_avx512(const Csr& w, const float* X, int64_t ldx, int64_t N, float* Y,
+                             int64_t ldy, int64_t r0, int64_t r1, uint32_t& maxc) {
+  const int64_t* row_ptr = w.row_ptr;
+  const void* col = w.col;
+  const void* val = w.val;
+  uint32_t mx = 0;
+  const int64_t width = spmm_width(w.in, 16);
+  for (int64_t o = r0; o < r1;) {
+    const int64_t o1 = block_end(row_ptr, o, r1, kBlockNnz);
+    const uint32_t m = max_index<I>(col, row_ptr[o], row_ptr[o1]);
+    mx = std::max(mx, m);
+    if (m >= static_cast<uint64_t>(w.in)) {
+      o = o1;
+      continue;
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += width) {
+      const int64_t cols = std::min<int64_t>(width, N - n0);
+      const int K = static_cast<int>((cols + 15) / 16);
+      const int rem = static_cast<int>(cols - 16 * (K - 1));
+      const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
+      const float* Xn = X + n0;
+      for (int64_t r = o; r < o1; ++r) {
+        float* yo = Y + r * ldy + n0;
+        const int64_t s = row_ptr[r], e = row_ptr[r + 1];
+        switch (K) {
+          case 4: spmm_row_avx512<V, I, 4>(col, val, s, e, Xn, ldx, yo, tail); break;
+          case 3: spmm_row_avx512<V, I, 3>(col, val, s, e, Xn, ldx, yo, tail); break;
+          case 2: spmm_row_avx512<V, I, 2>(col, val, s, e, Xn, ldx, yo, tail); break;
+          default: spmm_row_avx512<V, I, 1>(col, val, s, e, Xn, ldx, yo, tail); break;
+        }
+      }
+    }
+    o = o1;
+  }
+  maxc = std::max(maxc, mx);
+}
+
+// Bitmap rows [r0, r1) x batch rows [b0, b0 + NB): vexpandps of the values under each 16-bit
+// chunk of the row's bitmap.
+template <ValT V, int NB>
+SK_S_VBMI2 void bitmap_avx512(const Bitmap& w, const float* x, int64_t ldx, float* y,
+                              int64_t ldy, int64_t r0, int64_t r1, int64_t b0) {
+  const float* xb = x + b0 * ldx;
+  for (int64_t o = r0; o < r1; ++o) {
+    const auto* chunks = reinterpret_cast<const uint16_t*>(w.bits + o * w.W);
+    int64_t j = w.row_ptr[o];
+    __m512 acc[NB][2];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+    // The value offset of each 64-bit word comes from a running popcount over the words (an add
+    // chain of 1 cycle per word); chunk offsets inside a word do not feed the next word.
+    for (int64_t q = 0; q < w.W; ++q) {
+      const uint64_t word = w.bits[o * w.W + q];
+      const int64_t jq = j;
+      j += popcount64(word);
+      if (word == 0) continue;
+      int64_t jc = jq;
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const __mmask16 m = chunks[4 * q + h];
+        __m512 v;
+        if constexpr (V == ValT::F32) {
+          v = _mm512_maskz_expandloadu_ps(m, static_cast<const float*>(w.val) + jc);
+        } else {
+          const __m256i hv =
+              _mm256_maskz_expandloadu_epi16(m, static_cast<const uint16_t*>(w.val) + jc);
+          if constexpr (V == ValT::BF16) {
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hv), 16));
+          } else {
+            v = _mm512_cvtph_ps(hv);
+          }
+        }
+        jc += _mm_popcnt_u32(m);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          acc[b][h & 1] = _mm512_fmadd_ps(
+              v, _mm512_loadu_ps(xb + b * ldx + q * kWordBits + 16 * h), acc[b][h & 1]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+      y[(b0 + b) * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+// ---------------------------------------------------------------------------------------------
+
+template <ValT V>
+SK_S_AVX2 inline __m256 load_values8(const void* values, int64_t j) {
+  if constexpr (V == ValT::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(values) + j);
+  } else {
+    const __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + j));
+    if constexpr (V == ValT::BF16) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm256_cvtph_ps(h);
+    }
+  }
+}
+
+template <IdxT I>
+SK_S_AVX2 inline __m256i load_index8(const void* idx, int64_t j) {
+  if constexpr (I == IdxT::U16) {
+    return _mm256_cvtepu16_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(idx) + j)));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int32_t*>(idx) + j));
+  }
+}
+
+template <ValT V>
+SK_S_AVX2 inline float value_at_avx2(const void* values, int64_t j) {
+  if constexpr (V == ValT::F16) {
+    return _cvtsh_ss(static_cast<const uint16_t*>(values)[j]);
+  } else {
+    return value_at<V>(values, j);
+  }
+}
+
+SK_S_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <ValT V, IdxT I>
+SK_S_AVX2 void spmv_avx2(const Csr& w, const float* x, int64_t ldx, int64_t B, float* y,
+                         int64_t ldy, int64_t r0, int64_t r1, uint32_t& maxc) {
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(w.in - 1));
+  __m256i vmax = _mm256_setzero_si256();
+  uint32_t smax = 0;
+  const uint32_t slast = static_cast<uint32_t>(w.in - 1);
+  for (int64_t o = r0; o < r1; ++o) {
+    const int64_t s = w.row_ptr[o], e = w.row_ptr[o + 1];
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * ldx;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t j = s;
+      for (; j + 8 <= e; j += 8) {
+        __m256i c = load_index8<I>(w.col, j);
+        vmax = _mm256_max_epu32(vmax, c);
+        c = _mm256_min_epu32(c, last);
+        acc = _mm256_fmadd_ps(load_values8<V>(w.val, j), _mm256_i32gather_ps(xb, c, 4), acc);
+      }
+      float tail = 0.f;
+      for (; j < e; ++j) {
+        const uint32_t c = index_at<I>(w.col, j);
+        smax = std::max(smax, c);
+        tail += value_at_avx2<V>(w.val, j) * xb[std::min(c, slast)];
+      }
+      y[b * ldy + o] = hsum256(acc) + tail;
+    }
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
+  for (uint32_t l : lanes) smax = std::max(smax, l);
+  maxc = std::max(maxc, smax);
+}
+
+template <ValT V, IdxT I, int K>
+SK_S_AVX2 inline void spmm_row_avx2(const void* __restrict col, const void* __restrict val,
+                                    int64_t s, int64_t e, const float* X, int64_t ldx,
+                                    float* yo) {
+  constexpr int U = K >= 3 ? 2 : 8 / K;
+  __m256 acc[U][K];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) acc[u][k] = _mm256_setzero_ps();
+  }
+  int64_t j = s;
+  for (; j + U <= e; j += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const __m256 v = _mm256_set1_ps(value_at_avx2<V>(val, j + u));
+      const float* xr = X + static_cast<int64_t>(index_at<I>(col, j + u)) * ldx;
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        acc[u][k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * k), acc[u][k]);
+      }
+    }
+  }
+  for (; j < e; ++j) {
+    const __m256 v = _mm256_set1_ps(value_at_avx2<V>(val, j));
+    const float* xr = X + static_cast<int64_t>(index_at<I>(col, j)) * ldx;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) acc[0][k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * k),
+                                                            acc[0][k]);
+  }
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[u][k]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) _mm256_storeu_ps(yo + 8 * k, acc[0][k]);
+}
+
+// AVX2 SpMM: 32-column blocks (8..24 for the remainder of N / 8 * 8), the last N % 8 columns
+// with the portable loop.
+template <ValT V, IdxT I>
+SK_S_AVX2 void spmm_avx2(const Csr& w, const float* X, int64_t ldx, int64_t N, float* Y,
+                         int64_t ldy, int64_t r0, int64_t r1, uint32_t& maxc) {
+  const int64_t* row_ptr = w.row_ptr;
+  const void* col = w.col;
+  const void* val = w.val;
+  uint32_t mx = 0;
+  const int64_t full = N / 8 * 8;
+  for (int64_t o = r0; o < r1;) {
+    const int64_t o1 = block_end(row_ptr, o, r1, kBlockNnz);
+    const uint32_t m = max_index<I>(col, row_ptr[o], row_ptr[o1]);
+    mx = std::max(mx, m);
+    if (m >= static_cast<uint64_t>(w.in)) {
+      o = o1;
+      continue;
+    }
+    for (int64_t n0 = 0; n0 < full; n0 += 32) {
+      const int K = static_cast<int>(std::min<int64_t>(32, full - n0) / 8);
+      for (int64_t r = o; r < o1; ++r) {
+        float* yo = Y + r * ldy + n0;
+        const int64_t s = row_ptr[r], e = row_ptr[r + 1];
+        switch (K) {
+          case 4: spmm_row_avx2<V, I, 4>(col, val, s, e, X + n0, ldx, yo); break;
+          case 3: spmm_row_avx2<V, I, 3>(col, val, s, e, X + n0, ldx, yo); break;
+          case 2: spmm_row_avx2<V, I, 2>(col, val, s, e, X + n0, ldx, yo); break;
+          default: spmm_row_avx2<V, I, 1>(col, val, s, e, X + n0, ldx, yo); break;
+        }
+      }
+    }
+    if (full < N) spmm_rows_portable<V, I>(w, X + full, ldx, N - full, Y + full, ldy, o, o1);
+    o = o1;
+  }
+  maxc = std::max(maxc, mx);
+}
+#endif  // SUBKERN_SPARSE_X86
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+// ---------------------------------------------------------------------------------------------
+
+bool cpu_has_vbmi2() {
+#if SUBKERN_SPARSE_X86
+  static const bool has = __builtin_cpu_supports("avx512vbmi2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+ValT value_type(const at::Tensor& values, const char* op) {
+  switch (values.scalar_type()) {
+    case at::kFloat: return ValT::F32;
+    case at::kBFloat16: return ValT::BF16;
+    case at::kHalf: return ValT::F16;
+    default:
+      TORCH_CHECK(false, op, ": values must be float32, bfloat16 or float16, got ",
+                  values.scalar_type());
+  }
+  return ValT::F32;
+}
+
+template <class F>
+void with_types(ValT v, IdxT i, F&& f) {
+  auto by_idx = [&](auto vt) {
+    if (i == IdxT::U16) {
+      f(vt, std::integral_constant<IdxT, IdxT::U16>{});
+    } else {
+      f(vt, std::integral_constant<IdxT, IdxT::I32>{});
+    }
+  };
+  switch (v) {
+    case ValT::F32: by_idx(std::integral_constant<ValT, ValT::F32>{}); break;
+    case ValT::BF16: by_idx(std::integral_constant<ValT, ValT::BF16>{}); break;
+    case ValT::F16: by_idx(std::integral_constant<ValT, ValT::F16>{}); break;
+  }
+}
+
+// Splits rows [0, out) into `parts` contiguous ranges of about equal cost
+// (row_ptr[o] + kRowCost * o is the cost of rows [0, o)). bounds has parts + 1 entries.
+std::vector<int64_t> balanced_rows(const int64_t* row_ptr, int64_t out, int64_t parts) {
+  std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), out);
+  bounds[0] = 0;
+  const double total = static_cast<double>(row_ptr[out]) + static_cast<double>(kRowCost * out);
+  for (int64_t t = 1; t < parts; ++t) {
+    const double target = total * static_cast<double>(t) / static_cast<double>(parts);
+    int64_t lo = bounds[t - 1], hi = out;  // first o with cost(o) >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<double>(row_ptr[mid]) + static_cast<double>(kRowCost * mid) < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    bounds[t] = lo;
+  }
+  return bounds;
+}
+
+int64_t thread_count(int64_t work, int64_t out) {
+  const int64_t requested = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
+  return std::max<int64_t>(1, std::min({requested, by_work, out}));
+}
+
+void check_row_ptr(const at::Tensor& row_ptr, int64_t nnz, const char* op) {
+  TORCH_CHECK(row_ptr.device().is_cpu(), op, " (CPU): row_ptr must be a CPU tensor");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) >= 1,
+              op, ": row_ptr must be int64 [out_features + 1], got ", row_ptr.scalar_type(), " ",
+              row_ptr.sizes());
+  const at::Tensor rp = row_ptr.contiguous();
+  const int64_t* p = rp.data_ptr<int64_t>();
+  const int64_t out = rp.size(0) - 1;
+  TORCH_CHECK(p[0] == 0, op, ": row_ptr[0] must be 0, got ", p[0]);
+  TORCH_CHECK(p[out] == nnz, op, ": row_ptr[-1] must equal nnz = ", nnz, ", got ", p[out]);
+  for (int64_t o = 0; o < out; ++o) {
+    TORCH_CHECK(p[o + 1] >= p[o], op, ": row_ptr must be non-decreasing, but row_ptr[", o + 1,
+                "] = ", p[o + 1], " < row_ptr[", o, "] = ", p[o]);
+  }
+}
+
+Csr make_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+             int64_t in_features, const char* op, IdxT& it, ValT& vt) {
+  TORCH_CHECK(values.device().is_cpu() && col_idx.device().is_cpu(), op,
+              " (CPU): col_idx and values must be CPU tensors");
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D [nnz], got ", values.sizes());
+  vt = value_type(values, op);
+  const int64_t nnz = values.size(0);
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.size(0) == nnz, op,
+              ": col_idx must be 1-D [nnz] = [", nnz, "], got ", col_idx.sizes());
+  if (col_idx.scalar_type() == at::kShort) {
+    TORCH_CHECK(in_features <= 65536, op, ": int16 col_idx needs in_features <= 65536, got ",
+                in_features);
+    it = IdxT::U16;
+  } else {
+    TORCH_CHECK(col_idx.scalar_type() == at::kInt, op, ": col_idx must be int16 or int32, got ",
+                col_idx.scalar_type());
+    it = IdxT::I32;
+  }
+  check_row_ptr(row_ptr, nnz, op);
+  TORCH_CHECK(nnz == 0 || in_features > 0, op, ": ", nnz,
+              " nonzeros but in_features is 0 (every column index is out of range)");
+  return Csr{row_ptr.data_ptr<int64_t>(), col_idx.data_ptr(), values.data_ptr(),
+             row_ptr.size(0) - 1, in_features};
+}
+
+void check_cols(const ColGuard& guard, int64_t nnz, int64_t in, const char* op) {
+  const uint32_t m = guard.max_seen.load();
+  TORCH_CHECK(nnz == 0 || static_cast<int64_t>(m) < in, op, ": col_idx holds column ", m,
+              " but in_features is ", in, " (corrupt sparse weight)");
+}
+
+// Y[o, :N] (ldy) for all rows: the SpMM of a CSR weight with X [in, ldx] (N columns).
+void run_spmm(const Csr& w, ValT vt, IdxT it, const float* X, int64_t ldx, int64_t N, float* Y,
+              int64_t ldy, ColGuard& guard) {
+  const int64_t nnz = w.row_ptr[w.out];
+  const int64_t nthreads = thread_count((nnz + w.out) * std::max<int64_t>(N, 1), w.out);
+  const std::vector<int64_t> bounds = balanced_rows(w.row_ptr, w.out, nthreads);
+  const Isa isa = active_isa();
+  with_types(vt, it, [&](auto vtag, auto itag) {
+    constexpr ValT V = decltype(vtag)::value;
+    constexpr IdxT I = decltype(itag)::value;
+    run_tasks(nthreads, [&](int64_t t) {
+      uint32_t mx = 0;
+      const int64_t r0 = bounds[t], r1 = bounds[t + 1];
+#if SUBKERN_SPARSE_X86
+      if (isa == Isa::Avx512Vpopcnt) {
+        spmm_avx512<V, I>(w, X, ldx, N, Y, ldy, r0, r1, mx);
+      } else if (isa == Isa::Avx2) {
+        spmm_avx2<V, I>(w, X, ldx, N, Y, ldy, r0, r1, mx);
+      } else {
+        spmm_portable<V, I>(w, X, ldx, N, Y, ldy, r0, r1, mx);
+      }
+#else
+      spmm_portable<V, I>(w, X, ldx, N, Y, ldy, r0, r1, mx);
+#endif
+      guard.report(mx);
+    });
+  });
+  (void)isa;
+}
+
+void run_spmv(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, float* y,
+              ColGuard& guard) {
+  const int64_t nnz = w.row_ptr[w.out];
+  const int64_t nthreads = thread_count((nnz + w.out) * B, w.out);
+  const std::vector<int64_t> bounds = balanced_rows(w.row_ptr, w.out, nthreads);
+  const Isa isa = active_isa();
+  const int64_t ld = w.in;
+  with_types(vt, it, [&](auto vtag, auto itag) {
+    constexpr ValT V = decltype(vtag)::value;
+    constexpr IdxT I = decltype(itag)::value;
+    run_tasks(nthreads, [&](int64_t t) {
+      uint32_t mx = 0;
+      const int64_t r0 = bounds[t], r1 = bounds[t + 1];
+#if SUBKERN_SPARSE_X86
+      if (isa == Isa::Avx512Vpopcnt) {
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4) spmv_avx512<V, I, 4>(w, x, ld, y, w.out, r0, r1, b, mx);
+        for (; b + 2 <= B; b += 2) spmv_avx512<V, I, 2>(w, x, ld, y, w.out, r0, r1, b, mx);
+        for (; b < B; ++b) spmv_avx512<V, I, 1>(w, x, ld, y, w.out, r0, r1, b, mx);
+      } else if (isa == Isa::Avx2) {
+        spmv_avx2<V, I>(w, x, ld, B, y, w.out, r0, r1, mx);
+      } else {
+        spmv_portable<V, I>(w, x, ld, B, y, w.out, r0, r1, mx);
+      }
+#else
+      spmv_portable<V, I>(w, x, ld, B, y, w.out, r0, r1, mx);
+#endif
+      guard.report(mx);
+    });
+  });
+  (void)isa;
+}
+
+at::Tensor add_bias_and_cast(at::Tensor y, const std::optional<at::Tensor>& bias,
+                             at::ScalarType dtype, const char* op) {
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == y.size(1), op,
+                ": bias must be a CPU tensor of shape [", y.size(1), "], got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op,
+                ": bias must be floating point, got ", bias->scalar_type());
+    y.add_(bias->to(at::kFloat).unsqueeze(0));
+  }
+  return dtype == at::kFloat ? y : y.to(dtype);
+}
+
+void check_x(const at::Tensor& x, int64_t in_features, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, " (CPU): x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [batch, in_features], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(in_features >= 0 && x.size(1) == in_features, op, ": x has ", x.size(1),
+              " columns but in_features is ", in_features);
+}
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, const at::Tensor& values,
+                          int64_t in_features, const std::optional<at::Tensor>& bias) {
+  const char* op = "subkern::csr_linear";
+  check_x(x, in_features, op);
+  IdxT it;
+  ValT vt;
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous(),
+                   va = values.contiguous();
+  const Csr w = make_csr(rp, ci, va, in_features, op, it, vt);
+  const int64_t B = x.size(0);
+  at::Tensor y = at::zeros({B, w.out}, x.options().dtype(at::kFloat));
+  const int64_t nnz = va.size(0);
+  if (B > 0 && w.out > 0 && nnz > 0) {
+    ColGuard guard;
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    if (B <= kSpmvMaxBatch) {
+      run_spmv(w, vt, it, xf.data_ptr<float>(), B, y.data_ptr<float>(), guard);
+    } else {
+      const at::Tensor xT = xf.t().contiguous();          // [in, B]
+      at::Tensor yT = at::empty({w.out, B}, y.options());
+      run_spmm(w, vt, it, xT.data_ptr<float>(), B, B, yT.data_ptr<float>(), B, guard);
+      y.copy_(yT.t());
+    }
+    check_cols(guard, nnz, in_features, op);
+  }
+  return add_bias_and_cast(y, bias, x.scalar_type(), op);
+}
+
+at::Tensor csr_matmul_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                          const at::Tensor& values, const at::Tensor& X, int64_t in_features) {
+  const char* op = "subkern::csr_matmul";
+  TORCH_CHECK(X.device().is_cpu(), op, " (CPU): X must be a CPU tensor");
+  TORCH_CHECK(X.dim() == 2 && X.size(0) == in_features, op, ": X must be [", in_features,
+              ", N], got ", X.sizes());
+  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kBFloat16 ||
+                  X.scalar_type() == at::kHalf,
+              op, ": X must be float32, bfloat16 or float16, got ", X.scalar_type());
+  IdxT it;
+  ValT vt;
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous(),
+                   va = values.contiguous();
+  const Csr w = make_csr(rp, ci, va, in_features, op, it, vt);
+  const int64_t N = X.size(1);
+  at::Tensor Y = at::zeros({w.out, N}, X.options().dtype(at::kFloat));
+  const int64_t nnz = va.size(0);
+  if (N > 0 && w.out > 0 && nnz > 0) {
+    ColGuard guard;
+    const at::Tensor Xf = X.to(at::kFloat).contiguous();
+    run_spmm(w, vt, it, Xf.data_ptr<float>(), N, N, Y.data_ptr<float>(), N, guard);
+    check_cols(guard, nnz, in_features, op);
+  }
+  return X.scalar_type() == at::kFloat ? Y : Y.to(X.scalar_type());
+}
+
+at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmap,
+                             const at::Tensor& row_ptr, const at::Tensor& values,
+                             int64_t in_features, const std::optional<at::Tensor>& bias) {
+  const char* op = "subkern::bitmap_linear";
+  check_x(x, in_features, op);
+  const int64_t W = (in_features + kWordBits - 1) / kWordBits;
+  TORCH_CHECK(bitmap.device().is_cpu() && bitmap.scalar_type() == at::kLong &&
+                  bitmap.dim() == 2 && bitmap.size(1) == W,
+              op, ": bitmap must be a CPU int64 tensor [out_features, ", W, "], got ",
+              bitmap.scalar_type(), " ", bitmap.sizes());
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1, op,
+              ": values must be a 1-D CPU tensor [nnz], got ", values.sizes());
+  const ValT vt = value_type(values, op);
+  const int64_t out = bitmap.size(0), nnz = values.size(0);
+  check_row_ptr(row_ptr, nnz, op);
+  TORCH_CHECK(row_ptr.size(0) == out + 1, op, ": row_ptr must have ", out + 1,
+              " entries (one per bitmap row + 1), got ", row_ptr.size(0));
+  const at::Tensor bm = bitmap.contiguous(), rp = row_ptr.contiguous(), va = values.contiguous();
+  const auto* bits = reinterpret_cast<const uint64_t*>(bm.data_ptr<int64_t>());
+  const int64_t* p = rp.data_ptr<int64_t>();
+  const uint64_t pad_mask =
+      (in_features % kWordBits) == 0 ? ~uint64_t(0) : (uint64_t(1) << (in_features % kWordBits)) - 1;
+  for (int64_t o = 0; o < out; ++o) {  // popcounts must match row_ptr: values never over-read
+    int64_t count = 0;
+    for (int64_t q = 0; q < W; ++q) {
+      uint64_t word = bits[o * W + q];
+      TORCH_CHECK(q + 1 < W || (word & ~pad_mask) == 0, op, ": bitmap row ", o,
+                  " has bits set past in_features = ", in_features);
+      count += popcount64(word);
+    }
+    TORCH_CHECK(count == p[o + 1] - p[o], op, ": bitmap row ", o, " has ", count,
+                " set bits but row_ptr gives it ", p[o + 1] - p[o], " values");
+  }
+  const int64_t B = x.size(0);
+  at::Tensor y = at::zeros({B, out}, x.options().dtype(at::kFloat));
+  if (B > 0 && out > 0 && nnz > 0) {
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    const int64_t ldx = W * kWordBits;
+    if (ldx != in_features) {
+      at::Tensor xp = at::zeros({B, ldx}, xf.options());
+      xp.narrow(1, 0, in_features).copy_(xf);
+      xf = xp;
+    }
+    const Bitmap w{bits, W, p, va.data_ptr(), out};
+    const float* xd = xf.data_ptr<float>();
+    float* yd = y.data_ptr<float>();
+    const int64_t nthreads = thread_count((nnz + W * 16) * B, out);
+    // cost of a bitmap row: its nonzeros plus the chunk loop (16 words' worth per 64 bits)
+    std::vector<int64_t> bounds(static_cast<size_t>(nthreads + 1));
+    for (int64_t t = 0; t <= nthreads; ++t) bounds[t] = out * t / nthreads;
+    const Isa isa = active_isa();
+    const bool expand = isa == Isa::Avx512Vpopcnt && (vt == ValT::F32 || cpu_has_vbmi2());
+    with_types(vt, IdxT::I32, [&](auto vtag, auto) {
+      constexpr ValT V = decltype(vtag)::value;
+      run_tasks(nthreads, [&](int64_t t) {
+        const int64_t r0 = bounds[t], r1 = bounds[t + 1];
+#if SUBKERN_SPARSE_X86
+        if (expand) {
+          int64_t b = 0;
+          for (; b + 4 <= B; b += 4) bitmap_avx512<V, 4>(w, xd, ldx, yd, out, r0, r1, b);
+          for (; b + 2 <= B; b += 2) bitmap_avx512<V, 2>(w, xd, ldx, yd, out, r0, r1, b);
+          for (; b < B; ++b) bitmap_avx512<V, 1>(w, xd, ldx, yd, out, r0, r1, b);
+          return;
+        }
+#endif
+        bitmap_portable<V>(w, xd, ldx, B, yd, out, r0, r1);
+      });
+    });
+    (void)expand;
+  }
+  return add_bias_and_cast(y, bias, x.scalar_type(), op);
+}
+
+}  // namespace
+}  // namespace subkern::cpu
+
+TORCH_LIBRARY_IMPL(subkern, CPU, m) {
+  m.impl("csr_linear", &subkern::cpu::csr_linear_cpu);
+  m.impl("csr_matmul", &subkern::cpu::csr_matmul_cpu);
+  m.impl("bitmap_linear", &subkern::cpu::bitmap_linear_cpu);
+}
