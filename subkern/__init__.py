@@ -20,7 +20,23 @@ from .backend import BackendUnavailableError, get_backend, use_backend
 from .ops.binary import hamming_distance, hamming_topk, pack_bits, unpack_bits
 from .ops.masked import masked_conv2d, masked_linear
 from .ops.soft_threshold import soft_threshold, soft_threshold_conv2d, soft_threshold_linear
-from .ops.ternary import pack_ternary, ternary_linear, unpack_ternary
+from .ops.sparse_linear import (
+    bitmap_linear,
+    choose_format,
+    csr_linear,
+    csr_matmul,
+    pack_bitmap,
+    pack_csr,
+    unpack_bitmap,
+    unpack_csr,
+)
+from .ops.ternary import (
+    pack_ternary,
+    ternary_linear,
+    ternary_linear_prepacked,
+    ternary_prepack,
+    unpack_ternary,
+)
 from .ops.topk_mask import kept_count, topk_mask, topk_mask_batched, topk_threshold
 from .retrieval import BinaryIndex, IndexFormatError, sharded_range_search, sharded_search
 from .sparsify import (
@@ -55,12 +71,22 @@ __all__ = [
     "masked_linear",
     "masked_conv2d",
     "ternary_linear",
+    "ternary_linear_prepacked",
+    "ternary_prepack",
     "pack_ternary",
     "unpack_ternary",
     "soft_threshold",
     "soft_threshold_linear",
     "soft_threshold_conv2d",
     "STRConfig",
+    "csr_linear",
+    "csr_matmul",
+    "bitmap_linear",
+    "pack_csr",
+    "unpack_csr",
+    "pack_bitmap",
+    "unpack_bitmap",
+    "choose_format",
     "sparsify_",
     "SparsifyConfig",
     "EdgePopupConfig",

@@ -28,6 +28,8 @@ FAMILIES: dict[str, str] = {
     "masked_linear": "subkern.bench.masked",
     "ternary": "subkern.bench.ternary",
     "soft_threshold": "subkern.bench.soft_threshold",
+    "sparse_linear": "subkern.bench.sparse_linear",
+    "sparse_e2e": "subkern.bench.sparse_e2e",
 }
 
 

@@ -8,7 +8,8 @@ Edge-popup: ``SubnetLinear``, ``SubnetConv2d`` (frozen weights, trainable scores
 from __future__ import annotations
 
 from .batchnorm import NonAffineBatchNorm2d
-from .init import INIT_MODES, init_scores_, init_weight_
+from .init import INIT_MODES, init_scores_, init_weight_, seeded_signs
+from .sparse import SparseConv2d, SparseLinear
 from .str import STRConv2d, STRLinear, STRMixin, overall_sparsity, str_modules
 from .subnet import (
     SubnetConv2d,
@@ -26,6 +27,8 @@ __all__ = [
     "SubnetConv2d",
     "SubnetLinear",
     "SubnetMixin",
+    "SparseConv2d",
+    "SparseLinear",
     "STRConv2d",
     "STRLinear",
     "STRMixin",
@@ -35,6 +38,7 @@ __all__ = [
     "init_weight_",
     "kept_fraction",
     "overall_sparsity",
+    "seeded_signs",
     "set_k_",
     "str_modules",
     "subnet_modules",
