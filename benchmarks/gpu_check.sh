@@ -7,7 +7,8 @@
 #    (SUBKERN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .), for the local GPU's
 #    architecture unless TORCH_CUDA_ARCH_LIST is set;
 # 2. prints `subkern info`;
-# 3. runs the GPU tests: pytest -m gpu tests/ -x -q;
+# 3. runs the GPU tests: pytest -m gpu tests/ -x -q, then the Triton tests compiled for the GPU
+#    (pytest tests/ -k triton; SUBKERN_GPU_CHECK_TRITON_TESTS=0 skips them);
 # 4. runs `subkern bench --device cuda` (Triton and CUDA kernels vs the torch reference, roofline);
 # 5. runs `subkern bench --device cpu` (C++ kernel vs FAISS) when faiss is importable.
 #
@@ -103,14 +104,16 @@ write_summary() {
             cat "$OUT/info.txt"
             echo '```'
         fi
-        if [ -s "$OUT/pytest_gpu.txt" ]; then
-            echo
-            echo "## GPU tests (last lines)"
-            echo
-            echo '```'
-            tail -n 25 "$OUT/pytest_gpu.txt"
-            echo '```'
-        fi
+        for tests in pytest_gpu pytest_triton; do
+            if [ -s "$OUT/$tests.txt" ]; then
+                echo
+                echo "## $tests (last lines)"
+                echo
+                echo '```'
+                tail -n 25 "$OUT/$tests.txt"
+                echo '```'
+            fi
+        done
         for bench in bench_cuda bench_cpu; do
             if [ -s "$OUT/$bench.txt" ]; then
                 echo
@@ -195,11 +198,17 @@ elif [ "$rc" -ne 0 ]; then
     fail "GPU tests failed (exit $rc, see pytest_gpu.txt)"
 fi
 
+# --- 3b. Triton tests, compiled for the GPU (they run under the interpreter on CPU-only CI) -----
+if [ "${SUBKERN_GPU_CHECK_TRITON_TESTS:-1}" = 1 ]; then
+    run_step "pytest triton" "$OUT/pytest_triton.txt" "$PY" -m pytest tests/ -x -q \
+        -p no:cacheprovider -k "triton" || fail "Triton tests failed on the GPU (see pytest_triton.txt)"
+fi
+
 # --- 4. CUDA benchmark -----------------------------------------------------------------------
 CUDA_FLAGS=()
 [ "$CUDA_BENCH" = quick ] && CUDA_FLAGS=(--quick)
 # op families with GPU cases (override with SUBKERN_GPU_CHECK_OPS=hamming,...)
-GPU_OPS="${SUBKERN_GPU_CHECK_OPS:-hamming,masked_linear,ternary}"
+GPU_OPS="${SUBKERN_GPU_CHECK_OPS:-hamming,masked_linear,ternary,soft_threshold,sparse_linear}"
 run_step "bench cuda" "$OUT/bench_cuda.txt" "$PY" -m subkern.cli bench --device cuda \
     --ops "$GPU_OPS" --out "$OUT" ${CUDA_FLAGS[@]+"${CUDA_FLAGS[@]}"} || fail "subkern bench --device cuda failed or mismatched"
 
