@@ -13,6 +13,13 @@
     Edge-popup reference training (subkern.methods.edgepopup) with a progress bar, a checkpoint
     every epoch (``--out``) and resume; multi-GPU / multi-node through ``torchrun -m subkern.cli``.
     Exit status 2 for unusable arguments, data or checkpoints.
+``subkern train str [--data digits|mnist|cifar10] [--data-dir DIR] [--model fc] [--s-init S]
+[--weight-decay WD] [--target-sparsity T] [--per-channel] [--epochs N] [--lr 0.1]
+[--batch-size 128] [--seed 0] [--out DIR] [--resume CKPT] [--dense-baseline]
+[--device auto|cpu|cuda]``
+    STR reference training (subkern.methods.str): learned soft thresholds, the same progress bar,
+    checkpoints, resume and torchrun support; prints the test accuracy, the overall sparsity and
+    the per-layer budget table (``--out`` also gets ``result.json`` and ``budget.png``).
 """
 
 from __future__ import annotations
@@ -104,6 +111,62 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: cuda when available (default)")
     ep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_str_parser(methods, DATASETS, MODELS)
+
+
+def _add_str_parser(methods: argparse._SubParsersAction, datasets: Sequence[str],
+                    models: Sequence[str]) -> None:
+    from .methods.str.recipe import DATA_DEFAULTS
+
+    digits = DATA_DEFAULTS["digits"]
+    st = methods.add_parser(
+        "str", help="STR: learn each layer's sparsity with a soft threshold",
+        description="STR (Kusupati et al., 2020): W_eff = sign(W) relu(|W| - sigmoid(s)) with a "
+        "learned threshold s per layer; sparsity emerges from (s_init, weight decay) or is "
+        "steered to --target-sparsity.")
+    st.add_argument("--data", choices=datasets, default="digits",
+                    help="digits (embedded, default), or mnist / cifar10 from --data-dir")
+    st.add_argument("--data-dir", default=None, help="folder with the MNIST / CIFAR-10 files")
+    st.add_argument("--model", choices=tuple(models), default="fc", help="architecture (fc)")
+    st.add_argument("--width-mult", type=float, default=1.0,
+                    help="scale every layer's width (1.0: the paper's)")
+    st.add_argument("--s-init", type=float, default=None,
+                    help=f"initial threshold parameter s (default per data set: "
+                         f"{digits['s_init']} on digits, -100 on cifar10)")
+    st.add_argument("--per-channel", action="store_true",
+                    help="one threshold per output channel instead of per layer")
+    st.add_argument("--weight-decay", type=float, default=None,
+                    help=f"weight decay of W, s and BatchNorm (default per data set: "
+                         f"{digits['weight_decay']} on digits, 5e-4 on cifar10)")
+    st.add_argument("--threshold-decay", type=float, default=None,
+                    help="separate weight decay for s (default: --weight-decay, official)")
+    st.add_argument("--no-bn-decay", action="store_true", help="no weight decay on BatchNorm")
+    st.add_argument("--target-sparsity", type=float, default=None,
+                    help="steer the thresholds' decay to reach this overall sparsity (0..1)")
+    st.add_argument("--target-ramp", type=float, default=0.75,
+                    help="fraction of the run over which the target ramps up (0.75)")
+    st.add_argument("--epochs", type=int, default=None,
+                    help=f"default {digits['epochs']} on digits (the recipe's otherwise)")
+    st.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1), cosine")
+    st.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    st.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    st.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs")
+    st.add_argument("--label-smoothing", type=float, default=0.1, help="(0.1, the paper's)")
+    st.add_argument("--batch-size", type=int, default=128, help="global batch size (128)")
+    st.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    st.add_argument("--out", default=None,
+                    help="folder for checkpoint.pt, result.json and budget.png")
+    st.add_argument("--resume", default=None,
+                    help="continue from a checkpoint file (or a folder holding checkpoint.pt)")
+    st.add_argument("--stop-after", type=int, default=None,
+                    help="end after this epoch (checkpointed; continue with --resume)")
+    st.add_argument("--dense-baseline", action="store_true",
+                    help="train the same architecture densely (no thresholds)")
+    st.add_argument("--first-layer-dense", action="store_true", help="keep the first layer dense")
+    st.add_argument("--last-layer-dense", action="store_true", help="keep the last layer dense")
+    st.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda when available (default)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -204,7 +267,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_train_str(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .methods.str import STRRecipe, train_str
+    from .methods.str.trainer import CHECKPOINT_NAME, RESULT_NAME
+    from .training import CheckpointError
+
+    resume = args.resume
+    if resume is not None and os.path.isdir(resume):
+        resume = os.path.join(resume, CHECKPOINT_NAME)
+    try:
+        recipe = STRRecipe(
+            data=args.data, data_dir=args.data_dir, model=args.model,
+            width_mult=args.width_mult, s_init=args.s_init, per_channel=args.per_channel,
+            epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, threshold_decay=args.threshold_decay,
+            bn_decay=not args.no_bn_decay, nesterov=args.nesterov,
+            label_smoothing=args.label_smoothing, warmup=args.warmup,
+            batch_size=args.batch_size, seed=args.seed, target_sparsity=args.target_sparsity,
+            target_ramp=args.target_ramp, first_layer_dense=args.first_layer_dense,
+            last_layer_dense=args.last_layer_dense, dense_baseline=args.dense_baseline,
+            device=args.device, out=args.out, resume=resume, stop_after=args.stop_after,
+            progress=not args.no_progress)
+        result = train_str(recipe)
+    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError) as err:
+        print(f"subkern train str: {err}", file=sys.stderr)
+        return 2
+    if result["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    epochs = result["history"][-1]["epoch"] if result["history"] else 0
+    if recipe.dense_baseline:
+        what = "dense baseline"
+    else:
+        what = (f"STR, s_init {recipe.s_init_value:g}, weight decay "
+                f"{recipe.weight_decay_value:g}"
+                + ("" if recipe.target_sparsity is None
+                   else f", target sparsity {recipe.target_sparsity:g}")
+                + f": sparsity {result['sparsity']:.4f}")
+    print(result["budget_table"])
+    print(f"{recipe.model} on {recipe.data}: {what}: test accuracy {result['test_acc']:.4f}, "
+          f"overall sparsity {result['overall_sparsity']:.4f} after {epochs} of "
+          f"{recipe.num_epochs} epochs")
+    if recipe.out:
+        print(f"wrote {os.path.join(recipe.out, RESULT_NAME)}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.method == "str":
+        return _cmd_train_str(args)
     from .data import DataError
     from .methods.edgepopup import EdgePopupRecipe, train_edgepopup
     from .methods.edgepopup.trainer import CHECKPOINT_NAME

@@ -336,3 +336,49 @@ def test_output_stem_and_slow_query_budget():
     assert harness.output_stem("hamming", "cuda", "quick") == "hamming_cuda_quick"
     size = hamming.size_for("cpu", "full")
     assert 1 <= hamming.slow_query_count(size, 128) <= hamming.slow_query_count(size, 8) <= 100
+
+
+# ----------------------------------------------------------------------------------------------
+# subkern train str
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny digits network trains fastest on one intra-op thread (even on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_str_prints_budget_checkpoints_and_resumes(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    common = ["train", "str", "--epochs", "2", "--weight-decay", "3e-2", "--out", str(out),
+              "--no-progress", "--device", "cpu"]
+    assert cli.main([*common, "--stop-after", "1"]) == 0
+    assert cli.main([*common, "--resume", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "after 2 of 2 epochs" in text
+    assert "linear.0" in text and "total" in text and "overall sparsity" in text
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "str" and result["history"][-1]["epoch"] == 2
+    assert result["recipe"]["weight_decay"] == 3e-2 and (out / "budget.png").exists()
+
+
+def test_train_str_dense_baseline_and_target(capsys, one_thread):
+    assert cli.main(["train", "str", "--epochs", "1", "--dense-baseline", "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert "dense baseline" in capsys.readouterr().out
+    assert cli.main(["train", "str", "--epochs", "2", "--target-sparsity", "0.6",
+                     "--per-channel", "--no-progress", "--device", "cpu"]) == 0
+    assert "target sparsity 0.6" in capsys.readouterr().out
+
+
+def test_train_str_bad_arguments_exit_2(tmp_path, capsys):
+    assert cli.main(["train", "str", "--target-sparsity", "1.5", "--no-progress"]) == 2
+    assert cli.main(["train", "str", "--data", "mnist", "--no-progress"]) == 2
+    (tmp_path / "bad.pt").write_bytes(b"garbage, not a checkpoint: " * 4)
+    assert cli.main(["train", "str", "--resume", str(tmp_path / "bad.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "target_sparsity" in err and "--data-dir" in err and "not a subkern checkpoint" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .batchnorm import NonAffineBatchNorm2d
 from .init import INIT_MODES, init_scores_, init_weight_, seeded_signs
+from .lowrank import FactorizedLinear, STRFastGRNN, STRFastGRNNCell, STRLowRankLinear
 from .sparse import SparseConv2d, SparseLinear
 from .str import STRConv2d, STRLinear, STRMixin, overall_sparsity, str_modules
 from .subnet import (
@@ -23,6 +24,7 @@ from .supermask import SupermaskConv2d, SupermaskLinear
 
 __all__ = [
     "INIT_MODES",
+    "FactorizedLinear",
     "NonAffineBatchNorm2d",
     "SubnetConv2d",
     "SubnetLinear",
@@ -30,8 +32,11 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "STRConv2d",
+    "STRFastGRNN",
+    "STRFastGRNNCell",
     "STRLinear",
     "STRMixin",
+    "STRLowRankLinear",
     "SupermaskConv2d",
     "SupermaskLinear",
     "init_scores_",
