@@ -37,7 +37,13 @@ from .ops.ternary import (
     ternary_prepack,
     unpack_ternary,
 )
-from .ops.topk_mask import kept_count, topk_mask, topk_mask_batched, topk_threshold
+from .ops.topk_mask import (
+    kept_count,
+    topk_mask,
+    topk_mask_batched,
+    topk_mask_bool,
+    topk_threshold,
+)
 from .retrieval import BinaryIndex, IndexFormatError, sharded_range_search, sharded_search
 from .sparsify import (
     EdgePopupConfig,
@@ -67,6 +73,7 @@ __all__ = [
     "topk_mask",
     "topk_threshold",
     "topk_mask_batched",
+    "topk_mask_bool",
     "kept_count",
     "masked_linear",
     "masked_conv2d",

@@ -151,6 +151,82 @@ def test_cpp_bit_identical_epilogue():
     assert torch.equal(gs2, gs) and gw2.numel() == 0
 
 
+@pytest.mark.skipif(_backend.unavailable_reason("cpp", torch.device("cpu"),
+                                                 "masked_linear_with_mask") is not None,
+                    reason="needs the C++ CPU kernels")
+def test_cpp_fast_path_bit_identical_with_tails_and_specials():
+    """float32 AVX-512 passes (chunks of 16 plus a tail, two threads) against autograd's
+    products, with NaN / inf weights and zero / NaN scores; the forward's W * M too."""
+    import subkern._C as ext
+
+    gen = torch.Generator().manual_seed(5)
+    out_f, in_f = 301, 229  # 68929 entries: several threads' chunks and a ragged tail
+    g = torch.randn(out_f, in_f, generator=gen)
+    w = torch.randn(out_f, in_f, generator=gen)
+    s = torch.randn(out_f, in_f, generator=gen)
+    w[0, :7] = float("nan")
+    w[1, :5] = float("inf")
+    s[2, :9] = 0.0
+    s[3, :4] = float("nan")
+    m = torch.rand(out_f, in_f, generator=gen) > 0.5
+    x = torch.randn(3, in_f, generator=gen)
+    old = torch.get_num_threads()
+    isas = ["portable"] + (["avx512"] if ext.cpu_isa() == "avx512vpopcntdq" else [])
+    try:
+        torch.set_num_threads(2)
+        for isa in isas:
+            ext.set_cpu_isa(isa)
+            gs, gw = torch.ops.subkern.masked_weight_grads(g, w, s, m, True)
+            want = g * w * torch.sign(s)
+            assert torch.equal(gs.isnan(), want.isnan()), isa
+            assert torch.equal(gs.nan_to_num(), want.nan_to_num()), isa
+            assert torch.equal(gw, g * m.float()), isa
+            y = torch.ops.subkern.masked_linear_with_mask(x, w, s, m, None)
+            y_want = x @ (w * m.float()).t()
+            assert torch.equal(y.isnan(), y_want.isnan()), isa
+            assert torch.allclose(y.nan_to_num(), y_want.nan_to_num(), rtol=1e-5, atol=1e-5)
+    finally:
+        ext.set_cpu_isa("auto")
+        torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(_backend.unavailable_reason("cpp", torch.device("cpu"),
+                                                 "masked_linear_with_mask") is not None,
+                    reason="needs the C++ CPU kernels")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_training_step_equals_reference(threads):
+    """masked_linear on cpp (selection fused with the mask and W * M) against the
+    reference's autograd: same kept set (ties at the threshold across thread chunks), same
+    output, grad_scores bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    out_f, in_f = 700, 300  # 210000 scores: two threads' chunks
+    w = torch.randn(out_f, in_f, generator=gen)
+    s = torch.randn(out_f, in_f, generator=gen)
+    s[::3, ::7] = 0.6745  # ties around the k = 0.5 threshold
+    s[5, :4] = float("nan")
+    s[6, :4] = 0.0
+    x = torch.randn(2, 3, in_f, generator=gen)
+    gy = torch.randn(2, 3, out_f, generator=gen)
+    b = torch.randn(out_f, generator=gen)
+    old = torch.get_num_threads()
+    results = {}
+    try:
+        torch.set_num_threads(threads)
+        for backend in ("cpp", "reference"):
+            xs, ss, bs = (t.clone().requires_grad_(True) for t in (x, s, b))
+            with _backend.use_backend(backend):
+                y = mk.masked_linear(xs, w, ss, 0.5, bs)
+            y.backward(gy)
+            results[backend] = (y.detach(), xs.grad, ss.grad, bs.grad)
+    finally:
+        torch.set_num_threads(old)
+    ours, want = results["cpp"], results["reference"]
+    torch.testing.assert_close(ours[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], want[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[2], want[2])
+    torch.testing.assert_close(ours[3], want[3])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_linear_non_contiguous(backend):
     x, w, s, b = _case((9, 30), 14)
@@ -311,6 +387,12 @@ def test_opcheck_linear():
         g = torch.randn(w.shape)
         torch.library.opcheck(torch.ops.subkern.masked_weight_grads,
                               (g, w.detach(), s.detach(), m, True))
+        # the CPU training step's ops: fused selection + W * M, backward reusing W * M
+        torch.library.opcheck(torch.ops.subkern.masked_linear_select, (x, w, s, 0.5, b))
+        y_sel, m_sel = torch.ops.subkern.masked_linear_select(x.detach(), w.detach(),
+                                                              s.detach(), 0.5, None)
+        assert torch.equal(m_sel, mk.select_mask(s, 0.5))
+        torch.testing.assert_close(y_sel, F.linear(x.detach(), w.detach() * m_sel))
 
 
 def test_opcheck_conv():

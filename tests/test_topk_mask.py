@@ -157,6 +157,70 @@ def test_cpp_ties_split_across_threads():
         torch.set_num_threads(old)
 
 
+def _isas() -> list[str]:
+    import subkern._C as ext
+
+    return ["portable"] + (["avx512"] if ext.cpu_isa() == "avx512vpopcntdq" else [])
+
+
+def _layouts(n: int) -> dict[str, torch.Tensor]:
+    """Layouts for the sample-bracket select: iid, sorted (the sample sees a skewed order),
+    a periodic spike pattern, mostly ties (candidate overflow -> radix fallback), NaN/inf."""
+    gen = torch.Generator().manual_seed(n)
+    periodic = torch.randn(n, generator=gen)
+    periodic[::37] = 1000.0
+    mostly_ties = torch.randn(n, generator=gen).abs()
+    mostly_ties[n // 3:] = 0.5
+    special = torch.randn(n, generator=gen)
+    special[::3] = float("nan")
+    special[::7] = -float("inf")
+    return {"randn": torch.randn(n, generator=gen),
+            "sorted": torch.randn(n, generator=gen).sort()[0], "periodic": periodic,
+            "mostly_ties": mostly_ties, "special": special,
+            "sparse": torch.zeros(n).index_fill_(0, torch.arange(0, n, 9973), 1.0)}
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", _isas())
+def test_cpp_bracket_select_layouts_and_bool_mask(isa):
+    # above 2^14 entries the kernel brackets the threshold from a sample (AVX-512 or portable
+    # pass) and falls back to radix select when the sample misses: the result never changes
+    import subkern._C as ext
+
+    old = torch.get_num_threads()
+    ext.set_cpu_isa(isa)
+    try:
+        torch.set_num_threads(1)
+        for name, s in _layouts(20_001).items():
+            for k in (1e-17, 0.2, 0.5, 0.97):
+                want = ref.topk_mask(s, k)
+                with _backend.use_backend("cpp"):
+                    assert torch.equal(tm.topk_mask(s, k), want), (name, k)
+                    assert torch.equal(tm.topk_mask_bool(s, k), want.bool()), (name, k)
+                    assert same_threshold(tm.topk_threshold(s, k), ref.topk_threshold(s, k))
+        # two threads: per-thread candidate buffers and tie counts
+        torch.set_num_threads(2)
+        s = torch.randn(150_001, generator=torch.Generator().manual_seed(9))
+        s[::101] = 0.6745  # ties around the median of |s|: the k = 0.5 threshold falls in them
+        for k in (0.3, 0.5):
+            with _backend.use_backend("cpp"):
+                assert torch.equal(tm.topk_mask_bool(s, k), ref.topk_mask(s, k).bool()), k
+    finally:
+        ext.set_cpu_isa("auto")
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_bool_mask_small_dtypes_and_no_grad(backend):
+    for dtype in DTYPES:
+        for n in (0, 1, 7, 1000):
+            s = make_scores("special", n, dtype, seed=n).view(-1, 1).requires_grad_(True)
+            with _backend.use_backend(backend):
+                got = tm.topk_mask_bool(s, 0.3)
+            assert got.dtype == torch.bool and got.shape == s.shape and not got.requires_grad
+            assert torch.equal(got, ref.topk_mask(s.detach(), 0.3).bool())
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
 def test_non_contiguous_and_nd(backend):
     base = torch.randn(6, 5, 4)
@@ -323,13 +387,18 @@ def test_opcheck():
                           ([s, torch.randn(9, dtype=torch.float64)], [0.4, 0.7]))
     torch.library.opcheck(torch.ops.subkern.topk_mask_batched.default,
                           ([s.clone().requires_grad_(True)], [0.4]))
+    torch.library.opcheck(torch.ops.subkern.topk_mask_bool.default, (s, 0.4),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_static"))
 
 
 def test_torch_compile_fullgraph():
     def step(scores, w, layers):
         mask = tm.topk_mask(scores, 0.3)
         masks = tm.topk_mask_batched(layers, 0.5)
-        return (w * mask).sum() + sum(m.sum() for m in masks), tm.topk_threshold(scores, 0.3)
+        kept = tm.topk_mask_bool(scores, 0.3)
+        return ((w * mask).sum() + sum(m.sum() for m in masks) + kept.sum(),
+                tm.topk_threshold(scores, 0.3))
 
     scores = torch.randn(8, 9, requires_grad=True)
     w = torch.randn(8, 9)

@@ -5,6 +5,10 @@
 //   masked_linear_backward(grad_y, x, weight, scores, mask, output_mask) -> (gx, gs, gw)
 //       G = grad_y^T @ x (= dL/dW_eff);  gx = grad_y @ (W * M);  gs = G * W * sign(S);  gw = G * M
 //   masked_weight_grads(G, weight, scores, mask, need_weight) -> (gs, gw)   (the conv's epilogue)
+//   masked_linear_select(x, weight, scores, k, bias) -> (y, mask)
+//       the training step's forward (subkern.masked_linear on CPU): the top-k selection of
+//       csrc/cpu/topk_mask.cpp, then ONE pass over S and W writing the bool mask (returned for
+//       the backward, masked_linear_backward) and W * M (into the reused buffer), then the GEMM
 //
 // Design
 // ------
@@ -21,15 +25,27 @@
 // * sign(S) is (S > 0) - (S < 0): 0 for 0 and NaN, as torch.sign. Products are formed in the
 //   order autograd forms them, (G * W) * sign(S) and G * M, so float32/float64 results are
 //   bit-identical to autograd's for the same G; half types compute in float and round once.
+// * float32 with contiguous operands on AVX-512 CPUs: the passes are explicit AVX-512 loops
+//   (16 entries per step: mask bytes widened to 0.0f / 1.0f, sign(S) by ordered compares) on
+//   ATen's intra-op threads (intraop_tasks, csrc/cpu/topk_select.h), forming the same products in
+//   the same order as the portable loops, hence the same bits.
 // * Threads: the elementwise passes run through at::TensorIterator::for_each, whose parallel_for
 //   is compiled inside libtorch: they run on torch's own intra-op (OpenMP) threads, the ones the
 //   GEMMs just used. (std::thread workers, as in hamming.cpp, measured 3-4x slower here: they
 //   compete with the OpenMP workers that keep spinning after each GEMM.) Chunks of kGrain elements
 //   keep small layers on the calling thread.
+#include "cpu/topk_select.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorIterator.h>
 #include <torch/library.h>
+
+#include "cpu/cpu_features.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <array>
 #include <cstdint>
@@ -96,7 +112,7 @@ void apply_mask(const at::Tensor& w, const at::Tensor& m, at::Tensor& out) {
 // gs may be g itself (in place). weff lets the linear backward rebuild W * M for grad_x in the
 // same pass that already reads w and m.
 template <typename T>
-void weight_grads(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
+void weight_grads_iter(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
                   const at::Tensor& m, at::Tensor& gs, at::Tensor* gw, at::Tensor* weff) {
   at::TensorIteratorConfig config;
   config.add_output(gs);
@@ -175,6 +191,130 @@ void weight_grads(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
       kGrain);
 }
 
+// ------------------------------------------------------------------------------------------
+// float32 fast path (contiguous operands, AVX-512): the same products in the same order, so the
+// results are bit-identical to the portable loops; chunks on ATen's intra-op threads.
+// ------------------------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+#define SK_ML_AVX512 __attribute__((target("avx512f")))
+
+// 16 mask bytes (0/1) as floats 0.0f / 1.0f
+SK_ML_AVX512 inline __m512 load_mask16(const uint8_t* m) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+  return _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, bytes));
+}
+
+// W_eff rows go out with non-temporal stores when 64-byte aligned: the GEMM reads them next,
+// once, and a regular store would first read every line of the 9 MB buffer.
+SK_ML_AVX512 inline void store_weff(float* p, __m512 v, bool stream) {
+  if (stream) {
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_storeu_ps(p, v);
+  }
+}
+
+// out = w * m (m: bool bytes 0/1)
+SK_ML_AVX512 void apply_mask_f32(const float* w, const uint8_t* m, float* out, int64_t n) {
+  const bool stream = (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 mf = load_mask16(m + i);
+    store_weff(out + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), mf), stream);
+  }
+  if (stream) _mm_sfence();
+  for (; i < n; ++i) out[i] = w[i] * static_cast<float>(m[i]);
+}
+
+// gs = (g * w) * sign(s) (gs may be g);  gw = g * m and weff = w * m where not null.
+SK_ML_AVX512 void weight_grads_f32(const float* g, const float* w, const float* s,
+                                   const uint8_t* m, float* gs, float* gw, float* weff,
+                                   int64_t n) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 minus_one = _mm512_set1_ps(-1.0f);
+  const bool stream = weff != nullptr && (reinterpret_cast<uintptr_t>(weff) & 63) == 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 vg = _mm512_loadu_ps(g + i);
+    const __m512 vw = _mm512_loadu_ps(w + i);
+    const __m512 vs = _mm512_loadu_ps(s + i);
+    // sign(s): +1 / -1 / 0 (0 for +-0 and NaN: ordered compares)
+    __m512 sg = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(vs, zero, _CMP_GT_OQ), one);
+    sg = _mm512_mask_mov_ps(sg, _mm512_cmp_ps_mask(vs, zero, _CMP_LT_OQ), minus_one);
+    if (gw != nullptr || weff != nullptr) {
+      const __m512 mf = load_mask16(m + i);
+      if (gw != nullptr) _mm512_storeu_ps(gw + i, _mm512_mul_ps(vg, mf));
+      if (weff != nullptr) store_weff(weff + i, _mm512_mul_ps(vw, mf), stream);
+    }
+    _mm512_storeu_ps(gs + i, _mm512_mul_ps(_mm512_mul_ps(vg, vw), sg));
+  }
+  if (stream) _mm_sfence();
+  for (; i < n; ++i) {
+    const float mi = static_cast<float>(m[i]);
+    const float gi = g[i], wi = w[i], si = s[i];
+    if (gw != nullptr) gw[i] = gi * mi;
+    if (weff != nullptr) weff[i] = wi * mi;
+    gs[i] = (gi * wi) * sign_of(si);
+  }
+}
+#undef SK_ML_AVX512
+#endif
+
+// Whether the float32 AVX-512 path applies to these operands.
+bool fast_f32(std::initializer_list<const at::Tensor*> ts) {
+#if defined(__x86_64__)
+  if (active_isa() != Isa::Avx512Vpopcnt) return false;
+  for (const at::Tensor* t : ts) {
+    if (t->scalar_type() != at::kFloat && t->scalar_type() != at::kBool) return false;
+    if (!t->is_contiguous()) return false;
+  }
+  return true;
+#else
+  (void)ts;
+  return false;
+#endif
+}
+
+// Splits [0, n) into per-thread chunks (multiples of 16 entries) and runs fn(i0, i1) on each.
+template <typename F>
+void parallel_chunks(int64_t n, const F& fn) {
+  const int64_t nthreads = pass_threads(n);
+  intraop_tasks(nthreads, [&](int64_t t) {
+    const int64_t i0 = (n * t / nthreads) & ~int64_t(15);
+    const int64_t i1 = t + 1 == nthreads ? n : (n * (t + 1) / nthreads) & ~int64_t(15);
+    if (i1 > i0) fn(i0, i1);
+  });
+}
+
+// One pass over G (see weight_grads_iter): the float32 AVX-512 path or the TensorIterator loops.
+template <typename T>
+void weight_grads(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
+                  const at::Tensor& m, at::Tensor& gs, at::Tensor* gw, at::Tensor* weff) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast_f32({&g, &w, &s, &m, &gs}) && (gw == nullptr || gw->is_contiguous()) &&
+        (weff == nullptr || weff->is_contiguous())) {
+      const float* pg = g.const_data_ptr<float>();
+      const float* pw = w.const_data_ptr<float>();
+      const float* ps = s.const_data_ptr<float>();
+      const auto* pm = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+      float* pgs = gs.data_ptr<float>();
+      float* pgw = gw != nullptr ? gw->data_ptr<float>() : nullptr;
+      float* peff = weff != nullptr ? weff->data_ptr<float>() : nullptr;
+      parallel_chunks(g.numel(), [&](int64_t i0, int64_t i1) {
+        weight_grads_f32(pg + i0, pw + i0, ps + i0, pm + i0, pgs + i0,
+                         pgw != nullptr ? pgw + i0 : nullptr,
+                         peff != nullptr ? peff + i0 : nullptr, i1 - i0);
+      });
+      return;
+    }
+  }
+#endif
+  weight_grads_iter<T>(g, w, s, m, gs, gw, weff);
+}
+
 // t [..., last] as a 2-D [rows, last] view/copy (well defined when last == 0, unlike reshape(-1)).
 at::Tensor flatten_rows(const at::Tensor& t) {
   int64_t rows = 1;
@@ -206,6 +346,17 @@ at::Tensor effective_weight(const at::Tensor& weight, const at::Tensor& mask) {
   const auto w = weight.contiguous();
   const auto m = mask.contiguous();
   at::Tensor out = weight_buffer(w);
+#if defined(__x86_64__)
+  if (fast_f32({&w, &m})) {
+    const float* pw = w.const_data_ptr<float>();
+    const auto* pm = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+    float* po = out.data_ptr<float>();
+    parallel_chunks(w.numel(), [&](int64_t i0, int64_t i1) {
+      apply_mask_f32(pw + i0, pm + i0, po + i0, i1 - i0);
+    });
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "apply_mask",
                                   [&] { apply_mask<scalar_t>(w, m, out); });
   return out;
@@ -241,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_grads_cpu(const at::Tensor& gra
                                                            bool need_weight) {
   check_common(weight, scores, mask);
   TORCH_CHECK(grad_weff.sizes() == weight.sizes(), "grad_weff must have the shape of weight");
-  TORCH_CHECK(grad_weff.scalar_type() == weight.scalar_type(), "grad_weff must have weight's dtype");
+  TORCH_CHECK(grad_weff.scalar_type() == weight.scalar_type(),
+              "grad_weff must have weight's dtype");
   const auto g = grad_weff.contiguous();
   const auto w = weight.contiguous();
   const auto s = scores.contiguous();
@@ -289,10 +441,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   return {gx, gs, gw};
 }
 
+// The training step's forward: selection, then mask and W_eff in one pass, then the GEMM.
+// Returns (y, mask). W_eff lives in the reused buffer (fresh 9 MB tensors every step would cost
+// page faults); the backward rebuilds it in its pass over G.
+std::tuple<at::Tensor, at::Tensor> masked_linear_select_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double k,
+    const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.device().is_cpu(), "subkern masked ops (CPU kernel): weight must be on CPU");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features]");
+  TORCH_CHECK(scores.sizes() == weight.sizes(), "scores must have the shape of weight");
+  TORCH_CHECK(scores.scalar_type() == weight.scalar_type(), "scores must have weight's dtype");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "x's last dimension must be in_features");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x must have weight's dtype");
+  const at::Tensor w = weight.contiguous();
+  at::Tensor mask = at::empty(w.sizes(), w.options().dtype(at::kBool));
+  at::Tensor w_eff = weight_buffer(w);
+  topk_mask_apply_into(scores, k, w, mask, w_eff);
+  const int64_t out_features = w.size(0);
+  const at::Tensor x2 = flatten_rows(x);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [out_features]");
+    y = at::addmm(*bias, x2, w_eff.t());
+  } else {
+    y = at::mm(x2, w_eff.t());
+  }
+  return {y.view(out_shape), mask};
+}
+
 }  // namespace
 }  // namespace subkern::cpu
 
 TORCH_LIBRARY_IMPL(subkern, CPU, m) {
+  m.impl("masked_linear_select", &subkern::cpu::masked_linear_select_cpu);
   m.impl("masked_linear_with_mask", &subkern::cpu::masked_linear_with_mask_cpu);
   m.impl("masked_linear_backward", &subkern::cpu::masked_linear_backward_cpu);
   m.impl("masked_weight_grads", &subkern::cpu::masked_weight_grads_cpu);

@@ -8,9 +8,11 @@ input grad), i.e. the work of an ordinary layer of the same shape.
 
 Implementations:
 
-* ``subkern[<backend>]``: ``select_mask`` (the top-k selection) + the fused mask-form op
-  (C++ on CPU, Triton on CUDA); also timed without the selection (``mask given``, the figure the
-  kernel is responsible for) and the selection alone;
+* ``subkern[<backend>] select+fwd+bwd``: ``masked_linear`` forward + backward, exactly what a
+  ``subkern.nn.SubnetLinear`` training step runs (on CPU the fused ``masked_linear_select`` op:
+  selection, then mask and ``W * M`` in one pass, then the GEMM; on CUDA ``select_mask`` + the
+  Triton mask-form op); also timed with the mask given
+  (``masked_linear_with_mask``, selection excluded) and the selection alone (``select_mask``);
 * ``reference``: ``W * GetSubnet(|S|, k)`` with a full sort per call, ``F.linear``, autograd;
 * ``dense F.linear``: the dense layer (cuBLAS / MKL).
 

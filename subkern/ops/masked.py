@@ -28,6 +28,12 @@ Ops (schemas in the ``subkern`` library):
   call the BLAS GEMM, and derive both weight-side gradients in one pass over ``G``; the Triton
   kernels (``kernels/masked_matmul.py``, the CUDA path) apply the mask to the weight tiles in
   registers, so ``W * M`` never reaches global memory;
+* ``masked_linear_select(x, weight, scores, k, bias) -> (y, mask)``: the CPU training step's
+  forward (what :func:`masked_linear` runs on the ``cpp`` backend). One kernel selects the
+  threshold (:mod:`subkern.ops.topk_mask`'s sample-bracket select) and then, in a single pass
+  over ``S`` and ``W``, writes the bool mask and ``W_eff = W * M`` (no float mask, no second pass
+  over the mask; ``W_eff`` into the reused buffer), then the GEMM. The mask (non-differentiable
+  output) is what the backward, ``masked_linear_backward``, needs;
 * ``masked_conv2d_with_mask(...)``: ``conv2d`` on ``W * M`` with torch's convolution backward and
   the fused ``masked_weight_grads`` epilogue.
 """
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from .library import LIB, has_kernel, qualname
-from .topk_mask import topk_mask as _topk_mask
+from .topk_mask import topk_mask_bool as _topk_mask_bool
 
 __all__ = [
     "masked_linear",
@@ -65,6 +71,8 @@ LIB.define("masked_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tenso
            "Tensor mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 LIB.define("masked_weight_grads(Tensor grad_weff, Tensor weight, Tensor scores, Tensor mask, "
            "bool need_weight) -> (Tensor, Tensor)")
+LIB.define("masked_linear_select(Tensor x, Tensor weight, Tensor scores, float k, Tensor? bias) "
+           "-> (Tensor, Tensor)")
 LIB.define("masked_conv2d(Tensor x, Tensor weight, Tensor scores, float k, Tensor? bias, "
            "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor")
 LIB.define("masked_conv2d_with_mask(Tensor x, Tensor weight, Tensor scores, Tensor mask, "
@@ -83,8 +91,7 @@ def select_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
     :func:`subkern.ops.topk_mask.topk_mask` (radix select, the active backend's kernel), ties to
     the lower flat index, NaN ranked below every number.
     """
-    with torch.no_grad():
-        return _topk_mask(scores.detach(), k).bool()
+    return _topk_mask_bool(scores, k)
 
 
 class _GetSubnet(torch.autograd.Function):
@@ -165,6 +172,11 @@ def _ref_linear_backward(grad_y, x, weight, scores, mask, output_mask):
     return grad_x, grad_scores, grad_weight
 
 
+def _ref_linear_select(x, weight, scores, k, bias):
+    mask = torch.ops.subkern.topk_mask_bool(scores.detach(), k)
+    return F.linear(x, _effective_weight(weight, mask), bias), mask
+
+
 def _ref_conv_with_mask(x, weight, scores, mask, bias, stride, padding, dilation, groups):
     return F.conv2d(x, _effective_weight(weight, mask), bias, stride, padding, dilation, groups)
 
@@ -184,6 +196,7 @@ LIB.impl("masked_conv2d", _conv_selecting, "CompositeImplicitAutograd")
 LIB.impl("masked_linear_with_mask", _ref_linear_with_mask, "CompositeExplicitAutograd")
 LIB.impl("masked_linear_backward", _ref_linear_backward, "CompositeExplicitAutograd")
 LIB.impl("masked_weight_grads", _ref_weight_grads, "CompositeExplicitAutograd")
+LIB.impl("masked_linear_select", _ref_linear_select, "CompositeExplicitAutograd")
 LIB.impl("masked_conv2d_with_mask", _ref_conv_with_mask, "CompositeExplicitAutograd")
 
 
@@ -204,6 +217,14 @@ def _linear_backward_fake(grad_y, x, weight, scores, mask, output_mask):
     return (x.new_empty(x.shape if need_x else _EMPTY_SHAPE),
             weight.new_empty(weight.shape if need_s else _EMPTY_SHAPE),
             weight.new_empty(weight.shape if need_w else _EMPTY_SHAPE))
+
+
+@torch.library.register_fake(qualname("masked_linear_select"))
+def _linear_select_fake(x, weight, scores, k, bias):
+    torch._check(weight.dim() == 2, lambda: "weight must be 2-D [out_features, in_features]")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dim must be in_features")
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            weight.new_empty(weight.shape, dtype=torch.bool))
 
 
 @torch.library.register_fake(qualname("masked_weight_grads"))
@@ -244,6 +265,36 @@ def _linear_backward(ctx, grad_y):
 
 torch.library.register_autograd(qualname("masked_linear_with_mask"), _linear_backward,
                                 setup_context=_linear_setup_context)
+
+
+def _select_setup_context(ctx, inputs, output) -> None:
+    x, weight, scores, k, bias = inputs
+    _, mask = output
+    ctx.save_for_backward(x, weight, scores, mask)
+    ctx.mark_non_differentiable(mask)
+    ctx.set_materialize_grads(False)
+    ctx.has_bias = bias is not None
+
+
+def _select_backward(ctx, grad_y, grad_mask):
+    x, weight, scores, mask = ctx.saved_tensors
+    need_x, need_w, need_s, _, need_b = ctx.needs_input_grad
+    if grad_y is None:
+        return None, None, None, None, None
+    grad_x = grad_scores = grad_weight = grad_bias = None
+    if need_x or need_w or need_s:
+        gx, gs, gw = torch.ops.subkern.masked_linear_backward(
+            grad_y, x, weight, scores, mask, [need_x, need_s, need_w])
+        grad_x = gx if need_x else None
+        grad_scores = gs if need_s else None
+        grad_weight = gw if need_w else None
+    if ctx.has_bias and need_b:
+        grad_bias = _rows(grad_y).sum(0)
+    return grad_x, grad_weight, grad_scores, None, grad_bias
+
+
+torch.library.register_autograd(qualname("masked_linear_select"), _select_backward,
+                                setup_context=_select_setup_context)
 
 
 def _conv_setup_context(ctx, inputs, output) -> None:
@@ -444,8 +495,11 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, k
     """
     _check_linear(x, weight, scores, bias)
     k = _check_k(k)
-    if _backend.resolve("masked_linear_with_mask", x.device, SUPPORTED_BACKENDS) == "reference":
+    chosen = _backend.resolve("masked_linear_with_mask", x.device, SUPPORTED_BACKENDS)
+    if chosen == "reference":
         return reference_masked_linear(x, weight, scores, k, bias)
+    if chosen == "cpp":  # selection, mask and W * M in one kernel; W * M kept for the backward
+        return torch.ops.subkern.masked_linear_select(x, weight, scores, k, bias)[0]
     return _linear_dispatch(x, weight, scores, select_mask(scores, k), bias)
 
 

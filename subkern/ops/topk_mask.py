@@ -13,6 +13,9 @@ Ops (torch reference, C++ CPU radix select, Triton, CUDA):
 * :func:`topk_threshold`: the smallest kept ``|s|`` ``t`` (0-d): every ``|s| > t`` is kept and
   entries with ``|s| == t`` are kept in flat-index order until the count is met.
 * :func:`topk_mask_batched`: the masks of many tensors (all layers of a model) in one call.
+* :func:`topk_mask_bool`: the same mask as a bool tensor (not differentiable), what the masked
+  layers (:mod:`subkern.ops.masked`) select with: on CPU one kernel writes 1 byte per entry
+  instead of a float mask and a conversion.
 
 Special values: ``+inf`` and ``-inf`` (``|s| = inf``) rank above every finite score; ``NaN``
 ranks below every number (kept only when fewer than ``kept_count`` non-NaN entries exist, and then
@@ -39,7 +42,8 @@ from .. import backend as _backend
 from . import topk_mask_reference as reference
 from .library import LIB, has_kernel, qualname
 
-__all__ = ["topk_mask", "topk_threshold", "topk_mask_batched", "kept_count", "SUPPORTED_DTYPES"]
+__all__ = ["topk_mask", "topk_mask_bool", "topk_threshold", "topk_mask_batched", "kept_count",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_BACKENDS = ("reference", "cpp", "triton", "cuda")
 #: Score dtypes every backend accepts.
@@ -50,6 +54,7 @@ kept_count = reference.kept_count
 LIB.define("topk_mask(Tensor scores, float k) -> Tensor")
 LIB.define("topk_threshold(Tensor scores, float k) -> Tensor")
 LIB.define("topk_mask_batched(Tensor[] scores, float[] k) -> Tensor[]")
+LIB.define("topk_mask_bool(Tensor scores, float k) -> Tensor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +71,11 @@ def _topk_threshold_fake(scores: torch.Tensor, k: float) -> torch.Tensor:
     return scores.new_empty(())
 
 
+@torch.library.register_fake(qualname("topk_mask_bool"))
+def _topk_mask_bool_fake(scores: torch.Tensor, k: float) -> torch.Tensor:
+    return torch.empty_like(scores, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake(qualname("topk_mask_batched"))
 def _topk_mask_batched_fake(scores: list[torch.Tensor], k: list[float]) -> list[torch.Tensor]:
     torch._check(len(scores) == len(k), lambda: "one k per score tensor")
@@ -80,6 +90,10 @@ def _reference_threshold_kernel(scores: torch.Tensor, k: float) -> torch.Tensor:
     return reference.topk_threshold(scores.contiguous(), k)
 
 
+def _reference_bool_kernel(scores: torch.Tensor, k: float) -> torch.Tensor:
+    return reference.topk_mask(scores.contiguous(), k).bool()
+
+
 def _reference_batched_kernel(scores: list[torch.Tensor], k: list[float]) -> list[torch.Tensor]:
     return [reference.topk_mask(s.contiguous(), kk) for s, kk in zip(scores, k, strict=True)]
 
@@ -87,6 +101,7 @@ def _reference_batched_kernel(scores: list[torch.Tensor], k: list[float]) -> lis
 LIB.impl("topk_mask", _reference_mask_kernel, "CompositeExplicitAutograd")
 LIB.impl("topk_threshold", _reference_threshold_kernel, "CompositeExplicitAutograd")
 LIB.impl("topk_mask_batched", _reference_batched_kernel, "CompositeExplicitAutograd")
+LIB.impl("topk_mask_bool", _reference_bool_kernel, "CompositeExplicitAutograd")
 
 
 def _setup_mask(ctx, inputs, output) -> None:
@@ -132,13 +147,24 @@ def _triton_batched_kernel(scores: list[torch.Tensor], k: list[float]) -> list[t
     return triton_topk.topk_mask_batched([s.contiguous() for s in scores], list(k))
 
 
+def _triton_batched_op_kernel(scores: list[torch.Tensor], k: list[float]) -> list[torch.Tensor]:
+    # the op's schema promises outputs that alias nothing: copies of the views of one buffer
+    return [m.clone() for m in _triton_batched_kernel(scores, k)]
+
+
+def _cuda_bool_kernel(scores: torch.Tensor, k: float) -> torch.Tensor:
+    return torch.ops.subkern.topk_mask(scores, k).bool()
+
+
 def register_device_fallbacks() -> None:
     """Route CUDA tensors to Triton where ``_C`` brought no CUDA kernel (call after loading _C)."""
+    if not has_kernel("topk_mask_bool", "CUDA"):  # the CUDA mask kernel (C++ or Triton) + cast
+        LIB.impl("topk_mask_bool", _cuda_bool_kernel, "CUDA")
     if not _backend.triton_importable():
         return
     for op, fn in (("topk_mask", _triton_mask_kernel),
                    ("topk_threshold", _triton_threshold_kernel),
-                   ("topk_mask_batched", _triton_batched_kernel)):
+                   ("topk_mask_batched", _triton_batched_op_kernel)):
         if not has_kernel(op, "CUDA"):
             LIB.impl(op, fn, "CUDA")
 
@@ -214,6 +240,23 @@ def topk_threshold(scores: torch.Tensor, k: float) -> torch.Tensor:
         return torch.ops.subkern.topk_threshold(scores.detach(), k)
 
 
+def topk_mask_bool(scores: torch.Tensor, k: float) -> torch.Tensor:
+    """:func:`topk_mask` as a bool tensor (``True`` = kept); not differentiable (a selection).
+
+    The same kept set as :func:`topk_mask` on every backend; on CPU the C++ kernel writes the
+    bool mask directly (the masked layers' selection).
+    """
+    scores = _check_scores(scores)
+    k = _check_k(k)
+    chosen = _route("topk_mask", scores.device)
+    with torch.no_grad():
+        if chosen == "reference":
+            return reference.topk_mask(scores.detach().contiguous(), k).bool()
+        if chosen == "triton":
+            return _triton_mask_kernel(scores.detach(), k).bool()
+        return torch.ops.subkern.topk_mask_bool(scores.detach(), k)
+
+
 def topk_mask_batched(scores_list: Sequence[torch.Tensor], k: float | Sequence[float]
                       ) -> list[torch.Tensor]:
     """:func:`topk_mask` of every tensor of ``scores_list`` (e.g. all layers of a model) at once.
@@ -244,7 +287,7 @@ def topk_mask_batched(scores_list: Sequence[torch.Tensor], k: float | Sequence[f
     if chosen == "reference":
         return [_ReferenceMask.apply(s, kk) for s, kk in zip(tensors, ks, strict=True)]
     if chosen == "triton":
-        return [_TritonMask.apply(s, kk) for s, kk in zip(tensors, ks, strict=True)]
+        return list(_TritonMaskBatched.apply(ks, *tensors))
     return list(torch.ops.subkern.topk_mask_batched(tensors, ks))
 
 
@@ -272,3 +315,19 @@ class _TritonMask(_StraightThrough):
     def forward(ctx, scores: torch.Tensor, k: float) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(scores)
         return _triton_mask_kernel(scores.detach(), k)
+
+
+class _TritonMaskBatched(torch.autograd.Function):
+    """The batched Triton kernel (one launch per pass for all tensors of a dtype), called
+    directly; backward ``grad_i * sign(scores_i)`` per tensor."""
+
+    @staticmethod
+    def forward(ctx, ks: list[float], *scores: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(*scores)
+        return tuple(_triton_batched_kernel([s.detach() for s in scores], ks))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        scores = ctx.saved_tensors
+        return (None, *[None if g is None else g * torch.sign(s)
+                        for g, s in zip(grads, scores, strict=True)])
