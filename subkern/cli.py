@@ -29,7 +29,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
@@ -68,6 +69,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_data_args(parser: argparse.ArgumentParser, datasets: Sequence[str],
+                   models: Sequence[str]) -> None:
+    """The data set and architecture flags every ``train`` method shares."""
+    parser.add_argument("--data", choices=datasets, default="digits",
+                        help="digits (embedded, default), or mnist / cifar10 from --data-dir")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the MNIST / CIFAR-10 files")
+    parser.add_argument("--model", choices=tuple(models), default="fc",
+                        help="architecture (fc)")
+    parser.add_argument("--width-mult", type=float, default=1.0,
+                        help="scale every layer's width (1.0: the paper's)")
+
+
+def _add_run_args(parser: argparse.ArgumentParser, out_help: str, dense_help: str) -> None:
+    """The batch, seed, output / resume, dense-layer, device and progress flags every ``train``
+    method shares (``--out`` / ``--dense-baseline`` described by ``out_help`` / ``dense_help``)."""
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (128)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--resume", default=None,
+                        help="continue from a checkpoint file (or a folder holding "
+                             "checkpoint.pt)")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end after this epoch (checkpointed; continue with --resume)")
+    parser.add_argument("--dense-baseline", action="store_true", help=dense_help)
+    parser.add_argument("--first-layer-dense", action="store_true",
+                        help="keep the first layer dense")
+    parser.add_argument("--last-layer-dense", action="store_true",
+                        help="keep the last layer dense")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available (default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from .data import DATASETS
     from .methods.edgepopup.models import MODELS
@@ -80,12 +115,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "edgepopup", help="edge-popup: train the scores of a frozen random network",
         description="Edge-popup (Ramanujan et al., 2020): find a subnetwork of a randomly "
         "weighted network by training one score per weight; only scores train.")
-    ep.add_argument("--data", choices=DATASETS, default="digits",
-                    help="digits (embedded, default), or mnist / cifar10 from --data-dir")
-    ep.add_argument("--data-dir", default=None, help="folder with the MNIST / CIFAR-10 files")
-    ep.add_argument("--model", choices=tuple(MODELS), default="fc", help="architecture (fc)")
-    ep.add_argument("--width-mult", type=float, default=1.0,
-                    help="scale every layer's width (1.0: the paper's)")
+    _add_data_args(ep, DATASETS, MODELS)
     ep.add_argument("--k", type=float, default=0.5, help="fraction of weights kept (0.5)")
     ep.add_argument("--init", choices=INIT_MODES, default="signed_constant",
                     help="weight init (signed_constant)")
@@ -97,20 +127,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
     ep.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     ep.add_argument("--label-smoothing", type=float, default=0.0, help="(0.0)")
-    ep.add_argument("--batch-size", type=int, default=128, help="global batch size (128)")
-    ep.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    ep.add_argument("--out", default=None, help="folder for checkpoint.pt and result.json")
-    ep.add_argument("--resume", default=None,
-                    help="continue from a checkpoint file (or a folder holding checkpoint.pt)")
-    ep.add_argument("--stop-after", type=int, default=None,
-                    help="end after this epoch (checkpointed; continue with --resume)")
-    ep.add_argument("--dense-baseline", action="store_true",
-                    help="train the same architecture densely (all weights), no masks")
-    ep.add_argument("--first-layer-dense", action="store_true", help="keep the first layer dense")
-    ep.add_argument("--last-layer-dense", action="store_true", help="keep the last layer dense")
-    ep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: cuda when available (default)")
-    ep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_args(ep, out_help="folder for checkpoint.pt and result.json",
+                  dense_help="train the same architecture densely (all weights), no masks")
     _add_str_parser(methods, DATASETS, MODELS)
 
 
@@ -124,12 +142,7 @@ def _add_str_parser(methods: argparse._SubParsersAction, datasets: Sequence[str]
         description="STR (Kusupati et al., 2020): W_eff = sign(W) relu(|W| - sigmoid(s)) with a "
         "learned threshold s per layer; sparsity emerges from (s_init, weight decay) or is "
         "steered to --target-sparsity.")
-    st.add_argument("--data", choices=datasets, default="digits",
-                    help="digits (embedded, default), or mnist / cifar10 from --data-dir")
-    st.add_argument("--data-dir", default=None, help="folder with the MNIST / CIFAR-10 files")
-    st.add_argument("--model", choices=tuple(models), default="fc", help="architecture (fc)")
-    st.add_argument("--width-mult", type=float, default=1.0,
-                    help="scale every layer's width (1.0: the paper's)")
+    _add_data_args(st, datasets, models)
     st.add_argument("--s-init", type=float, default=None,
                     help=f"initial threshold parameter s (default per data set: "
                          f"{digits['s_init']} on digits, -100 on cifar10)")
@@ -152,21 +165,8 @@ def _add_str_parser(methods: argparse._SubParsersAction, datasets: Sequence[str]
     st.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     st.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs")
     st.add_argument("--label-smoothing", type=float, default=0.1, help="(0.1, the paper's)")
-    st.add_argument("--batch-size", type=int, default=128, help="global batch size (128)")
-    st.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    st.add_argument("--out", default=None,
-                    help="folder for checkpoint.pt, result.json and budget.png")
-    st.add_argument("--resume", default=None,
-                    help="continue from a checkpoint file (or a folder holding checkpoint.pt)")
-    st.add_argument("--stop-after", type=int, default=None,
-                    help="end after this epoch (checkpointed; continue with --resume)")
-    st.add_argument("--dense-baseline", action="store_true",
-                    help="train the same architecture densely (no thresholds)")
-    st.add_argument("--first-layer-dense", action="store_true", help="keep the first layer dense")
-    st.add_argument("--last-layer-dense", action="store_true", help="keep the last layer dense")
-    st.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: cuda when available (default)")
-    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_args(st, out_help="folder for checkpoint.pt, result.json and budget.png",
+                  dense_help="train the same architecture densely (no thresholds)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -267,34 +267,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return status
 
 
-def _cmd_train_str(args: argparse.Namespace) -> int:
+def _shared_recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields of the flags every ``train`` method shares (all but ``resume``)."""
+    return {"data": args.data, "data_dir": args.data_dir, "model": args.model,
+            "width_mult": args.width_mult, "epochs": args.epochs, "lr": args.lr,
+            "momentum": args.momentum, "weight_decay": args.weight_decay,
+            "nesterov": args.nesterov, "label_smoothing": args.label_smoothing,
+            "batch_size": args.batch_size, "seed": args.seed,
+            "first_layer_dense": args.first_layer_dense,
+            "last_layer_dense": args.last_layer_dense, "dense_baseline": args.dense_baseline,
+            "device": args.device, "out": args.out, "stop_after": args.stop_after,
+            "progress": not args.no_progress}
+
+
+def _run_training(method: str, recipe_cls: Callable[..., Any],
+                  train: Callable[[Any], dict[str, Any]], checkpoint_name: str,
+                  args: argparse.Namespace, **fields: Any) -> tuple[Any, dict[str, Any]] | int:
+    """Build ``recipe_cls`` from the shared flags and ``fields`` (``--resume`` may name the
+    folder holding ``checkpoint_name``) and run ``train`` on it. Returns ``(recipe, result)``
+    on the main process, else the exit status: 2 after printing a bad recipe's or a failed run's
+    error, 0 on the other ranks of a distributed run."""
     from .data import DataError
-    from .methods.str import STRRecipe, train_str
-    from .methods.str.trainer import CHECKPOINT_NAME, RESULT_NAME
     from .training import CheckpointError
 
     resume = args.resume
     if resume is not None and os.path.isdir(resume):
-        resume = os.path.join(resume, CHECKPOINT_NAME)
+        resume = os.path.join(resume, checkpoint_name)
     try:
-        recipe = STRRecipe(
-            data=args.data, data_dir=args.data_dir, model=args.model,
-            width_mult=args.width_mult, s_init=args.s_init, per_channel=args.per_channel,
-            epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, threshold_decay=args.threshold_decay,
-            bn_decay=not args.no_bn_decay, nesterov=args.nesterov,
-            label_smoothing=args.label_smoothing, warmup=args.warmup,
-            batch_size=args.batch_size, seed=args.seed, target_sparsity=args.target_sparsity,
-            target_ramp=args.target_ramp, first_layer_dense=args.first_layer_dense,
-            last_layer_dense=args.last_layer_dense, dense_baseline=args.dense_baseline,
-            device=args.device, out=args.out, resume=resume, stop_after=args.stop_after,
-            progress=not args.no_progress)
-        result = train_str(recipe)
+        recipe = recipe_cls(**_shared_recipe_fields(args), resume=resume, **fields)
+        result = train(recipe)
     except (ValueError, TypeError, DataError, CheckpointError, RuntimeError) as err:
-        print(f"subkern train str: {err}", file=sys.stderr)
+        print(f"subkern train {method}: {err}", file=sys.stderr)
         return 2
     if result["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
+    return recipe, result
+
+
+def _cmd_train_str(args: argparse.Namespace) -> int:
+    from .methods.str import STRRecipe, train_str
+    from .methods.str.trainer import CHECKPOINT_NAME, RESULT_NAME
+
+    outcome = _run_training(
+        "str", STRRecipe, train_str, CHECKPOINT_NAME, args, s_init=args.s_init,
+        per_channel=args.per_channel, threshold_decay=args.threshold_decay,
+        bn_decay=not args.no_bn_decay, warmup=args.warmup,
+        target_sparsity=args.target_sparsity, target_ramp=args.target_ramp)
+    if isinstance(outcome, int):
+        return outcome
+    recipe, result = outcome
     epochs = result["history"][-1]["epoch"] if result["history"] else 0
     if recipe.dense_baseline:
         what = "dense baseline"
@@ -316,30 +337,14 @@ def _cmd_train_str(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.method == "str":
         return _cmd_train_str(args)
-    from .data import DataError
     from .methods.edgepopup import EdgePopupRecipe, train_edgepopup
     from .methods.edgepopup.trainer import CHECKPOINT_NAME
-    from .training import CheckpointError
 
-    resume = args.resume
-    if resume is not None and os.path.isdir(resume):
-        resume = os.path.join(resume, CHECKPOINT_NAME)
-    try:
-        recipe = EdgePopupRecipe(
-            data=args.data, data_dir=args.data_dir, model=args.model,
-            width_mult=args.width_mult, k=args.k, init=args.init,
-            scale_fan=args.scale_fan, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, nesterov=args.nesterov,
-            label_smoothing=args.label_smoothing, batch_size=args.batch_size, seed=args.seed,
-            first_layer_dense=args.first_layer_dense, last_layer_dense=args.last_layer_dense,
-            dense_baseline=args.dense_baseline, device=args.device, out=args.out,
-            resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
-        result = train_edgepopup(recipe)
-    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError) as err:
-        print(f"subkern train edgepopup: {err}", file=sys.stderr)
-        return 2
-    if result["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return 0
+    outcome = _run_training("edgepopup", EdgePopupRecipe, train_edgepopup, CHECKPOINT_NAME,
+                            args, k=args.k, init=args.init, scale_fan=args.scale_fan)
+    if isinstance(outcome, int):
+        return outcome
+    recipe, result = outcome
     what = ("dense baseline" if recipe.dense_baseline else
             f"edge-popup subnetwork, k={recipe.k} kept ({result['kept_fraction']:.3f} of the "
             f"weights), init {recipe.init}{' scaled' if recipe.scale_fan else ''}")

@@ -39,3 +39,20 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def cpu_isa(request):
+    """Run the test once per ISA level of the compiled CPU kernels (skipped where the extension
+    is not built or this CPU lacks the level); the automatic choice is restored afterwards."""
+    from subkern import _ext
+
+    module = _ext.extension()
+    if module is None:
+        pytest.skip("subkern._C not built")
+    try:
+        module.set_cpu_isa(request.param)
+    except Exception as err:  # noqa: BLE001 - this CPU lacks the level
+        pytest.skip(f"ISA {request.param} unavailable: {err}")
+    yield request.param
+    module.set_cpu_isa("auto")

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import TEST_DEVICE, assert_close_scaled, needs_triton, triton_test_dtypes
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 import subkern
-from subkern import backend as _backend
 from subkern.ops import soft_threshold as st
 
-pytestmark = pytest.mark.skipif(
-    _backend.unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available()
-                                                       else "cpu")) is not None,
-    reason="triton cannot run here (not installed, or no GPU and TRITON_INTERPRET unset)")
+pytestmark = needs_triton()
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TEST_DEVICE
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
@@ -32,22 +29,25 @@ def _reference(x, w, s, b, gy):
 
 
 def _check(got, want, dtype):
-    want = want.double()
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
-    torch.testing.assert_close(got.double() / scale, want / scale, rtol=TOL[dtype],
-                               atol=TOL[dtype])
+    assert_close_scaled(got, want, TOL[dtype])
 
 
-def _dtypes():
-    out = [torch.float32, torch.float16]
-    if DEVICE == "cuda":
-        out.append(torch.bfloat16)
-    else:
-        out.append(torch.float64)  # interpreter only (fp64 dot on GPU is slow and not our target)
-    return out
+def _triton_linear_matches_reference(x, w, s, b, gy):
+    """Run the public ``soft_threshold_linear`` on the Triton backend (forward and backward of
+    ``gy``) and check output and (grad_x, grad_weight, grad_s) against ``_reference`` in fp32;
+    returns the leaves ``[x, w, s]`` (their ``.grad`` filled)."""
+    y_ref, grads_ref = _reference(x, w, s, b, gy)
+    with subkern.use_backend("triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, s)]
+        y = st.soft_threshold_linear(*leaves, b)
+        y.backward(gy)
+    _check(y, y_ref, torch.float32)
+    for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
+        _check(got, want, torch.float32)
+    return leaves
 
 
-@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("dtype", triton_test_dtypes(DEVICE))
 @pytest.mark.parametrize(("shape_x", "out_f", "bias", "per_channel", "need"), [
     ((5, 47), 33, True, False, (True, True, True)),
     ((2, 3, 20), 17, False, True, (True, False, True)),
@@ -84,14 +84,7 @@ def test_threshold_extremes_and_weights_at_the_threshold(s_value):
     thr = torch.sigmoid(s)
     w[0, :3] = torch.stack([thr, -thr, thr])   # exactly at the threshold: pruned, no gradient
     gy = torch.randn(4, 10, device=DEVICE)
-    y_ref, grads_ref = _reference(x, w, s, None, gy)
-    with subkern.use_backend("triton"):
-        leaves = [t.clone().requires_grad_() for t in (x, w, s)]
-        y = st.soft_threshold_linear(*leaves)
-        y.backward(gy)
-    _check(y, y_ref, torch.float32)
-    for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
-        _check(got, want, torch.float32)
+    leaves = _triton_linear_matches_reference(x, w, s, None, gy)
     assert torch.all(leaves[1].grad[0, :3] == 0)
 
 
@@ -101,14 +94,8 @@ def test_public_op_noncontiguous_and_empty():
     s = (torch.randn(6, 2, device=DEVICE) - 1)[:, 0]      # strided per-channel s
     b = torch.randn(6, device=DEVICE)
     gy = torch.randn(5, 6, device=DEVICE)
-    y_ref, grads_ref = _reference(x, w, s, b, gy)
+    _triton_linear_matches_reference(x, w, s, b, gy)
     with subkern.use_backend("triton"):
-        leaves = [t.clone().requires_grad_() for t in (x, w, s)]
-        y = st.soft_threshold_linear(*leaves, b)
-        y.backward(gy)
-        _check(y, y_ref, torch.float32)
-        for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
-            _check(got, want, torch.float32)
         # empty batch: zero gradients; empty reduction: the bias
         lw, ls = w.clone().requires_grad_(), s.clone().requires_grad_()
         y0 = st.soft_threshold_linear(torch.randn(0, 9, device=DEVICE), lw, ls, b)
@@ -151,17 +138,10 @@ def test_hypothesis_kernels_match_reference(out_f, in_f, rows, per_channel, s_va
     s = (torch.full((out_f,), s_value) + torch.randn(out_f, generator=gen) if per_channel
          else torch.tensor(s_value)).to(DEVICE)
     gy = torch.randn(rows, out_f, generator=gen).to(DEVICE)
-    y_ref, grads_ref = _reference(x, w, s, None, gy)
-    with subkern.use_backend("triton"):
-        leaves = [t.clone().requires_grad_() for t in (x, w, s)]
-        y = st.soft_threshold_linear(*leaves)
-        y.backward(gy)
-    _check(y, y_ref, torch.float32)
-    for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
-        _check(got, want, torch.float32)
+    _triton_linear_matches_reference(x, w, s, None, gy)
 
 
-@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("dtype", triton_test_dtypes(DEVICE))
 @pytest.mark.parametrize(("shape", "per_channel"), [((7, 300), False), ((5, 3, 3, 3), True),
                                                     ((1, 1), True), ((0, 4), False)])
 def test_elementwise_kernels_match_reference(dtype, shape, per_channel):

@@ -8,12 +8,11 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _helpers import init_ddp_worker, run_ddp_workers
 from torch import nn
 
 from subkern.methods.str import (
@@ -30,7 +29,7 @@ from subkern.methods.str import (
     train_str,
 )
 from subkern.nn.str import STRConv2d, STRLinear
-from subkern.training import CheckpointError, DistInfo, init_distributed, load_checkpoint
+from subkern.training import CheckpointError, DistInfo, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -243,10 +242,7 @@ def test_controller_rejects_unusable_set_ups():
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
-    info = init_distributed("cpu", timeout_s=30)
+    info = init_ddp_worker(rank, port, world_size=2)
     recipe = STRRecipe(epochs=1, progress=False, seed=0, target_sparsity=0.5, device="cpu",
                        out=out_dir if rank == 0 else None)
     result = train_str(recipe, info=info, log=_quiet)
@@ -256,23 +252,8 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_gloo(tmp_path):
-    ctx = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    for _ in range(120):                                  # at most 60 s
-        if ctx.join(timeout=0.5):
-            break
-    else:
-        for proc in ctx.processes:
-            proc.kill()
-        pytest.fail("DDP workers did not finish in 60 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ddp_workers(_ddp_worker, tmp_path, nprocs=2, timeout_s=60)
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     for name, tensor in ranks[0]["state"].items():       # weights, thresholds all-reduced
         assert torch.equal(tensor, ranks[1]["state"][name]), name

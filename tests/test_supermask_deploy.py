@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import rewrite_metadata
 from torch import nn
 
 import subkern  # noqa: F401
@@ -208,15 +208,6 @@ def _export_small(tmp_path) -> tuple[str, bytes]:
     return str(path), path.read_bytes()
 
 
-def _rewrite_metadata(data: bytes, **changes: str) -> bytes:
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
-    header["__metadata__"].update(changes)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data[8 + size:]
-
-
 def test_corrupt_truncated_foreign_newer(tmp_path):
     path, data = _export_small(tmp_path)
     bad = tmp_path / "bad.safetensors"
@@ -225,9 +216,9 @@ def test_corrupt_truncated_foreign_newer(tmp_path):
         "tiny": data[:5],
         "flipped": data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:],
         "garbage": b"\x00" * 64,
-        "newer": _rewrite_metadata(data, format_version=str(FORMAT_VERSION + 1)),
-        "foreign": _rewrite_metadata(data, format="someone.else"),
-        "arch": _rewrite_metadata(data, architecture=json.dumps({"type": "Transformer"})),
+        "newer": rewrite_metadata(data, format_version=str(FORMAT_VERSION + 1)),
+        "foreign": rewrite_metadata(data, format="someone.else"),
+        "arch": rewrite_metadata(data, architecture=json.dumps({"type": "Transformer"})),
     }
     expected = {"truncated": "truncated", "tiny": "too short", "flipped": "checksum",
                 "garbage": "not a", "newer": "newer", "foreign": "not a supermask",

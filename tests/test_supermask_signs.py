@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import struct
 
 import pytest
 import torch
+from _helpers import rewrite_metadata
 from torch import nn
 
 import subkern  # noqa: F401
@@ -245,15 +245,6 @@ def test_seed_artifact_is_32x_smaller(tmp_path):
     assert 15.9 < ratio_bits < 16.0, f"{ratio_bits:.2f}x"
 
 
-def _rewrite_metadata(data: bytes, **changes: str) -> bytes:
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
-    header["__metadata__"].update(changes)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data[8 + size:]
-
-
 def test_seed_artifact_corrupt_or_unknown_to_old_loader(tmp_path):
     path = tmp_path / "m.safetensors"
     export_supermask(seeded_model(), path, signs="seed")
@@ -265,7 +256,7 @@ def test_seed_artifact_corrupt_or_unknown_to_old_loader(tmp_path):
     bad = tmp_path / "bad.safetensors"
     for blob, msg in [(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:], "checksum"),
                       (data[:-20], "truncated"),
-                      (_rewrite_metadata(data, format_version="3"), "newer")]:
+                      (rewrite_metadata(data, format_version="3"), "newer")]:
         bad.write_bytes(blob)
         with pytest.raises(DeployFormatError, match=msg):
             load_supermask(bad)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import require_gpu_backend
 
 import subkern  # noqa: F401
-from subkern import _ext
 from subkern.backend import use_backend
 from subkern.nn.supermask import SupermaskConv2d, SupermaskLinear
 from subkern.ops import ternary as T
@@ -23,11 +23,7 @@ SHAPES = [(1, 1, 1), (1, 5, 3), (3, 17, 64), (5, 123, 200), (16, 64, 512), (9, 1
 
 @pytest.fixture(params=["cuda", "triton"])
 def backend(request) -> str:
-    if request.param == "cuda" and not _ext.has_cuda_kernels():
-        pytest.skip(f"subkern._C has no CUDA kernels: {_ext.load_error() or 'built without CUDA'}")
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    return request.param
+    return require_gpu_backend(request.param)
 
 
 def _case(batch: int, out: int, inp: int, seed: int = 0):

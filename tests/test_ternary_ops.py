@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import dense_linear_fp64 as dense
+from _helpers import needs_cpp, ternary_weight
+from _helpers import ternary_tol as tol
 
 import subkern  # noqa: F401  (loads the op library and subkern._C)
 from subkern import _ext
@@ -15,33 +18,6 @@ SHAPES = [  # (batch, out, in)
     (1, 1, 1), (1, 5, 3), (3, 17, 64), (5, 123, 200), (16, 64, 512), (9, 13, 130),
     (17, 40, 100), (2, 8, 65), (4, 9, 63), (1, 16, 1000),
 ]
-needs_cpp = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="subkern._C not built")
-
-
-def ternary_weight(out: int, inp: int, scale: float = 0.37, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-1, 2, (out, inp), generator=g).float() * scale
-
-
-def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x.double(), w.double(), None if bias is None else bias.double())
-
-
-def tol(inp: int) -> float:
-    return 1e-5 * max(1.0, inp ** 0.5) * 4
-
-
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def cpu_isa(request):
-    module = _ext.extension()
-    if module is None:
-        pytest.skip("subkern._C not built")
-    try:
-        module.set_cpu_isa(request.param)
-    except Exception as err:  # noqa: BLE001 - this CPU lacks the level
-        pytest.skip(f"ISA {request.param} unavailable: {err}")
-    yield request.param
-    module.set_cpu_isa("auto")
 
 
 def test_pack_roundtrip_and_layout():

@@ -9,6 +9,9 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import dense_linear_fp64 as dense
+from _helpers import needs_cpp, ternary_weight
+from _helpers import ternary_tol as tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,40 +23,18 @@ from subkern.ops import ternary as T
 INS = [1, 3, 4, 5, 63, 64, 65, 130, 1000]
 OUTS = [1, 15, 16, 17, 100]
 BATCHES = [0, 1, 2, 3, 5, 17]
-needs_cpp = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="subkern._C not built")
 
 
-def ternary_weight(out: int, inp: int, scale: float = 0.37, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-1, 2, (out, inp), generator=g).float() * scale
-
-
-def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x.double(), w.double(), None if bias is None else bias.double())
-
-
-def tol(inp: int) -> float:
-    return 4e-5 * max(1.0, inp ** 0.5)
-
-
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def cpu_isa(request):
-    module = _ext.extension()
-    if module is None:
-        pytest.skip("subkern._C not built")
-    try:
-        module.set_cpu_isa(request.param)
-    except Exception as err:  # noqa: BLE001 - this CPU lacks the level
-        pytest.skip(f"ISA {request.param} unavailable: {err}")
-    yield request.param
-    module.set_cpu_isa("auto")
+def _prepacked(out: int, inp: int, scale: float = 0.37, seed: int = 0):
+    """A seeded ternary weight with its bit planes, scale and prepacked tables."""
+    w = ternary_weight(out, inp, scale=scale, seed=seed)
+    mb, sb, c = T.pack_ternary(w)
+    return w, mb, sb, c, T.ternary_prepack(mb, sb, inp)
 
 
 def test_prepack_layout_by_hand():
     out, inp = 17, 6
-    w = ternary_weight(out, inp)
-    mb, sb, _ = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, inp)
+    w, mb, sb, _, packed = _prepacked(out, inp)
     assert packed.dtype == torch.uint8 and packed.shape == T.prepacked_shape(out, inp) == (2, 32)
     for o in range(out):
         q, r = divmod(o, 16)
@@ -81,9 +62,7 @@ def test_prepack_ignores_padding_and_masked_signs():
 @pytest.mark.parametrize("inp", INS)
 def test_reference_of_prepacked(inp):
     for out in OUTS:
-        w = ternary_weight(out, inp, seed=out + inp)
-        mb, sb, c = T.pack_ternary(w)
-        packed = T.ternary_prepack(mb, sb, inp)
+        w, mb, sb, c, packed = _prepacked(out, inp, seed=out + inp)
         torch.testing.assert_close(T.unprepack_ternary(packed, c, inp, out), w)
         x = torch.randn(3, inp)
         with use_backend("reference"):
@@ -95,9 +74,7 @@ def test_reference_of_prepacked(inp):
 @pytest.mark.parametrize("inp", INS)
 def test_cpp_matches_reference_every_isa(cpu_isa, inp):
     for out in OUTS:
-        w = ternary_weight(out, inp, seed=out * inp)
-        mb, sb, c = T.pack_ternary(w)
-        packed = T.ternary_prepack(mb, sb, inp)
+        w, mb, sb, c, packed = _prepacked(out, inp, seed=out * inp)
         bias = torch.randn(out)
         for batch in BATCHES:
             x = torch.randn(batch, inp)
@@ -111,9 +88,7 @@ def test_cpp_matches_reference_every_isa(cpu_isa, inp):
 @needs_cpp
 def test_zero_inputs_and_outputs(cpu_isa):
     for batch, out, inp in [(0, 4, 5), (3, 0, 7), (2, 3, 0), (0, 0, 0)]:
-        w = ternary_weight(out, inp)
-        mb, sb, c = T.pack_ternary(w)
-        packed = T.ternary_prepack(mb, sb, inp)
+        w, mb, sb, c, packed = _prepacked(out, inp)
         bias = torch.randn(out)
         x = torch.randn(batch, inp)
         with use_backend("cpp"):
@@ -124,9 +99,7 @@ def test_zero_inputs_and_outputs(cpu_isa):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(cpu_isa, dtype):
-    w = ternary_weight(33, 130, scale=0.1)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 130)
+    w, mb, sb, c, packed = _prepacked(33, 130, scale=0.1)
     x = torch.randn(6, 130).to(dtype)
     bias = torch.randn(33)
     with use_backend("cpp"):
@@ -140,9 +113,7 @@ def test_half_inputs(cpu_isa, dtype):
 
 @needs_cpp
 def test_noncontiguous_and_batched_shapes():
-    w = ternary_weight(20, 65)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 65)
+    w, mb, sb, c, packed = _prepacked(20, 65)
     base = torch.randn(65, 12)
     x = base.t()[::2]                       # [6, 65], non-contiguous
     assert not x.is_contiguous()
@@ -161,9 +132,7 @@ def test_noncontiguous_and_batched_shapes():
 
 @needs_cpp
 def test_results_do_not_depend_on_thread_count():
-    w = ternary_weight(1000, 1030, scale=0.05)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 1030)
+    w, mb, sb, c, packed = _prepacked(1000, 1030, scale=0.05)
     x = torch.randn(7, 1030)
     before = torch.get_num_threads()
     outs = []
@@ -186,9 +155,7 @@ def test_results_do_not_depend_on_thread_count():
 
 
 def test_bad_inputs():
-    w = ternary_weight(5, 10)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 10)
+    w, mb, sb, c, packed = _prepacked(5, 10)
     x = torch.randn(2, 10)
     with pytest.raises(ValueError, match="packed must be uint8"):
         T.ternary_linear_prepacked(x, packed[:, :16], c, 10, 5)
@@ -214,9 +181,7 @@ def test_bad_inputs():
 
 @needs_cpp
 def test_cpp_kernel_checks_directly():
-    w = ternary_weight(5, 10)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 10)
+    w, mb, sb, c, packed = _prepacked(5, 10)
     op = torch.ops.subkern.ternary_linear_prepacked
     with pytest.raises(RuntimeError, match="packed must be"):
         op(torch.randn(2, 10), packed[:, :8], c, 10, 5, None)
@@ -230,9 +195,7 @@ def test_cpp_kernel_checks_directly():
 def test_gradients_match_dense(backend):
     if backend == "cpp" and not _ext.has_cpu_kernels():
         pytest.skip("subkern._C not built")
-    w = ternary_weight(20, 37, scale=0.1)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 37)
+    w, mb, sb, c, packed = _prepacked(20, 37, scale=0.1)
     x = torch.randn(4, 37, requires_grad=True)
     bias = torch.randn(20, requires_grad=True)
     with use_backend(backend):
@@ -245,9 +208,7 @@ def test_gradients_match_dense(backend):
 
 
 def test_opcheck():
-    w = ternary_weight(19, 70)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 70)
+    w, mb, sb, c, packed = _prepacked(19, 70)
     for args in [(torch.randn(5, 70), packed, c, 70, 19, torch.randn(19)),
                  (torch.randn(1, 70), packed, c, 70, 19, None),
                  (torch.randn(3, 70, requires_grad=True), packed, c, 70, 19, None)]:
@@ -256,9 +217,7 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph():
-    w = ternary_weight(19, 70)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 70)
+    w, mb, sb, c, packed = _prepacked(19, 70)
     bias = torch.randn(19)
 
     def f(x):
@@ -273,9 +232,7 @@ def test_torch_compile_fullgraph():
 @given(out=st.integers(1, 40), inp=st.integers(1, 150), batch=st.integers(0, 9),
        seed=st.integers(0, 2 ** 16))
 def test_property_prepacked_equals_bitmask_op(out, inp, batch, seed):
-    w = ternary_weight(out, inp, seed=seed)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, inp)
+    w, mb, sb, c, packed = _prepacked(out, inp, seed=seed)
     x = torch.randn(batch, inp, generator=torch.Generator().manual_seed(seed))
     y = T.ternary_linear_prepacked(x, packed, c, inp, out)
     z = T.ternary_linear(x, mb, sb, c, inp)
@@ -290,9 +247,7 @@ def test_property_prepacked_equals_bitmask_op(out, inp, batch, seed):
 
 @needs_cpp
 def test_concurrent_callers_from_python_threads():
-    w = ternary_weight(512, 700, scale=0.05)
-    mb, sb, c = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 700)
+    w, mb, sb, c, packed = _prepacked(512, 700, scale=0.05)
     xs = [torch.randn(3, 700, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     with use_backend("cpp"):
         expected = [T.ternary_linear_prepacked(x, packed, c, 700, 512) for x in xs]
@@ -336,9 +291,7 @@ def _child_run(queue) -> None:
 def test_forked_child_does_not_deadlock():
     # warm the pool in the parent (2 tasks: 1024 x 1024 x 4 is enough work for 2 threads),
     # then run the same kernels in a forked child
-    w = ternary_weight(1024, 1024, scale=0.05)
-    mb, sb, _ = T.pack_ternary(w)
-    packed = T.ternary_prepack(mb, sb, 1024)
+    w, mb, sb, _, packed = _prepacked(1024, 1024, scale=0.05)
     x = torch.randn(4, 1024)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

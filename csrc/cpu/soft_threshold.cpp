@@ -43,6 +43,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/common.h"
+
 namespace subkern::cpu {
 namespace {
 
@@ -242,12 +244,6 @@ at::Tensor grad_pass(const at::Tensor& g, const at::Tensor& w, const at::Tensor&
   return gs.to(s.scalar_type()).reshape(s.sizes());
 }
 
-at::Tensor flatten_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return t.reshape({rows, t.size(-1)});
-}
-
 at::Tensor soft_threshold_cpu(const at::Tensor& weight, const at::Tensor& s) {
   check_weight_s(weight, s);
   const auto w = weight.contiguous();
@@ -283,21 +279,10 @@ at::Tensor soft_threshold_linear_cpu(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1),
               "x's last dimension must be in_features");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x must have the weight's dtype");
-  const int64_t out_features = weight.size(0);
   const auto w = weight.contiguous();
   at::Tensor w_eff = weight_buffer(w);
   build_into(w, s, w_eff);
-  const at::Tensor x2 = flatten_rows(x);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  at::Tensor y;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [out_features]");
-    y = at::addmm(*bias, x2, w_eff.t());
-  } else {
-    y = at::mm(x2, w_eff.t());
-  }
-  return y.view(out_shape);
+  return dense_linear_rows(x, w_eff, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_threshold_linear_backward_cpu(

@@ -42,6 +42,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/common.h"
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
 
@@ -99,16 +100,6 @@ inline void store(const Problem& p, int64_t b, int64_t o, float sum) {
 // ---------------------------------------------------------------------------------------------
 // Portable
 // ---------------------------------------------------------------------------------------------
-
-inline int ctz64(uint64_t v) {
-#if defined(__GNUC__) || defined(__clang__)
-  return __builtin_ctzll(v);
-#else
-  int n = 0;
-  while (!(v & 1)) { v >>= 1; ++n; }
-  return n;
-#endif
-}
 
 // Rows [0, rows) of a tile (bits in tb, rows relative to o0) against batch rows [0, B).
 void tile_portable(const Problem& p, const TileBits& tb, int64_t o0, int64_t rows, int64_t B) {
@@ -335,35 +326,17 @@ void check_bits(const at::Tensor& bits, const char* name, int64_t out, int64_t W
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& mask_bits,
                               const at::Tensor& sign_bits, double scale, int64_t in_features,
                               const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu(), "subkern::ternary_linear (CPU): x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2, "subkern::ternary_linear: x must be 2-D [batch, in_features], got ",
-              x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                  x.scalar_type() == at::kHalf,
-              "subkern::ternary_linear: x must be float32, bfloat16 or float16, got ",
-              x.scalar_type());
-  TORCH_CHECK(in_features >= 0 && x.size(1) == in_features, "subkern::ternary_linear: x has ",
-              x.size(1), " columns but in_features is ", in_features);
+  check_float_input_2d(x, in_features, "subkern::ternary_linear");
   const int64_t W = (in_features + kWordBits - 1) / kWordBits;
   check_bits(mask_bits, "mask_bits", -1, W);
   const int64_t out = mask_bits.size(0);
   check_bits(sign_bits, "sign_bits", out, W);
   const int64_t B = x.size(0);
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out,
-                "subkern::ternary_linear: bias must be a CPU tensor of shape [", out, "], got ",
-                bias->sizes());
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f = float_bias(bias, out, "subkern::ternary_linear");
   at::Tensor y = at::empty({B, out}, x.options().dtype(at::kFloat));
   if (B == 0 || out == 0) return y.to(x.scalar_type());
   if (W == 0) {  // no inputs: y = bias (or 0)
-    if (bias_f.defined()) {
-      y.copy_(bias_f.unsqueeze(0).expand({B, out}));
-    } else {
-      y.zero_();
-    }
+    fill_bias_rows(y, bias_f);
     return y.to(x.scalar_type());
   }
   at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -389,10 +362,7 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& mask_bits,
   const int64_t ntiles = (out + kRowTile - 1) / kRowTile;
   const double work = static_cast<double>(out) * static_cast<double>(padded) *
                       static_cast<double>(B);
-  const int64_t requested = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_work =
-      std::max<int64_t>(1, static_cast<int64_t>(work / static_cast<double>(kMinWorkPerThread)));
-  const int64_t nthreads = std::min({requested, by_work, ntiles});
+  const int64_t nthreads = threads_for_work(work, kMinWorkPerThread, ntiles);
 
   run_tasks(nthreads, [&](int64_t t) {
     std::vector<uint64_t> bits(static_cast<size_t>(2 * kRowTile * W));

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <optional>
 
+#include "cpu/common.h"
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
 
@@ -203,13 +204,7 @@ at::Tensor ternary_linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& p
                                         double scale, int64_t in_features, int64_t out_features,
                                         const std::optional<at::Tensor>& bias) {
   const char* op = "subkern::ternary_linear_prepacked";
-  TORCH_CHECK(x.device().is_cpu(), op, " (CPU): x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [batch, in_features], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                  x.scalar_type() == at::kHalf,
-              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(in_features >= 0 && x.size(1) == in_features, op, ": x has ", x.size(1),
-              " columns but in_features is ", in_features);
+  check_float_input_2d(x, in_features, op);
   TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   const int64_t G = (in_features + kGroup - 1) / kGroup;
   const int64_t nblocks = (out_features + kBlockRows - 1) / kBlockRows;
@@ -220,21 +215,11 @@ at::Tensor ternary_linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& p
               ": packed must be [", nblocks, ", ", G * 16, "] (ternary_prepack of a ",
               out_features, " x ", in_features, " layer), got ", packed.sizes());
   const int64_t B = x.size(0);
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out_features,
-                op, ": bias must be a CPU tensor of shape [", out_features, "], got ",
-                bias->sizes());
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f = float_bias(bias, out_features, op);
   at::Tensor y = at::empty({B, out_features}, x.options().dtype(at::kFloat));
   if (B == 0 || out_features == 0) return y.to(x.scalar_type());
-  if (G == 0) {
-    if (bias_f.defined()) {
-      y.copy_(bias_f.unsqueeze(0).expand({B, out_features}));
-    } else {
-      y.zero_();
-    }
+  if (G == 0) {  // no inputs: y = bias (or 0)
+    fill_bias_rows(y, bias_f);
     return y.to(x.scalar_type());
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -265,9 +250,7 @@ at::Tensor ternary_linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& p
   const int64_t ntiles = (nblocks + kTileBlocks - 1) / kTileBlocks;
   const double work = static_cast<double>(nblocks * kBlockRows) *
                       static_cast<double>(G * kGroup) * static_cast<double>(B);
-  const int64_t by_work =
-      std::max<int64_t>(1, static_cast<int64_t>(work / static_cast<double>(kMinWorkPerThread)));
-  const int64_t nthreads = std::min({requested, by_work, ntiles});
+  const int64_t nthreads = threads_for_work(work, kMinWorkPerThread, ntiles);
   run_tasks(nthreads, [&](int64_t t) {
     const int64_t t0 = ntiles * t / nthreads, t1 = ntiles * (t + 1) / nthreads;
     for (int64_t tile = t0; tile < t1; ++tile) {

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.soft_threshold import soft_threshold, soft_threshold_conv2d, soft_threshold_linear
+from ._convert import copy_dense_, layer_config, to_plain
 
 __all__ = ["STRLinear", "STRConv2d", "STRMixin", "str_modules", "overall_sparsity"]
 
@@ -113,18 +114,13 @@ class STRLinear(STRMixin, nn.Linear):
         """An ``STRLinear`` holding a copy of ``module``'s weight and bias."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  s_init=s_init, per_channel=per_channel, device=module.weight.device,
-                  dtype=module.weight.dtype)
-        _copy_dense(module, new)
+        new = cls(**layer_config(module), s_init=s_init, per_channel=per_channel)
+        copy_dense_(module, new)
         return new
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W_eff`` (and the bias): same outputs, no ``s``."""
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        _export_dense(self, dense)
-        return dense
+        return to_plain(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._str_repr()}"
@@ -163,40 +159,16 @@ class STRConv2d(STRMixin, nn.Conv2d):
         """An ``STRConv2d`` like ``module``, holding a copy of its weight and bias."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
-        new = cls(module.in_channels, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode, s_init=s_init, per_channel=per_channel,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        _copy_dense(module, new)
+        new = cls(**layer_config(module), s_init=s_init, per_channel=per_channel)
+        copy_dense_(module, new)
         return new
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding ``W_eff`` (and the bias): same outputs, no ``s``."""
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
-                          stride=self.stride, padding=self.padding, dilation=self.dilation,
-                          groups=self.groups, bias=self.bias is not None,
-                          padding_mode=self.padding_mode, device=self.weight.device,
-                          dtype=self.weight.dtype)
-        _export_dense(self, dense)
-        return dense
+        return to_plain(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._str_repr()}"
-
-
-@torch.no_grad()
-def _copy_dense(src: nn.Module, dst: STRMixin) -> None:
-    dst.weight.copy_(src.weight)
-    if src.bias is not None and dst.bias is not None:
-        dst.bias.copy_(src.bias)
-
-
-@torch.no_grad()
-def _export_dense(src: STRMixin, dst: nn.Module) -> None:
-    dst.weight.copy_(src.effective_weight())
-    if src.bias is not None:
-        dst.bias.copy_(src.bias)
 
 
 def str_modules(model: nn.Module) -> list[tuple[str, STRMixin]]:

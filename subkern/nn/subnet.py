@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import topk_mask_reference
+from ._convert import copy_dense_, layer_config, to_plain
 from .init import INIT_MODES, check_k, check_seed, init_scores_, init_weight_
 
 
@@ -195,19 +196,14 @@ class SubnetLinear(SubnetMixin, nn.Linear):
                    generator: torch.Generator | None = None, sign_seed: int | None = None
                    ) -> SubnetLinear:
         """A ``SubnetLinear`` of ``module``'s shape; keeps its weight and bias unless ``init``."""
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None, k=k,
-                  init=init, scale_fan=scale_fan, nonlinearity=nonlinearity,
-                  generator=generator, device=module.weight.device, dtype=module.weight.dtype,
-                  sign_seed=sign_seed)
-        _copy_dense(module, new, keep_weight=init is None)
+        new = cls(**layer_config(module), k=k, init=init, scale_fan=scale_fan,
+                  nonlinearity=nonlinearity, generator=generator, sign_seed=sign_seed)
+        copy_dense_(module, new, keep_weight=init is None)
         return new
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W * M`` (and the bias): same outputs, no scores."""
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        _export_dense(self, dense)
-        return dense
+        return to_plain(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._subnet_repr()}"
@@ -249,42 +245,17 @@ class SubnetConv2d(SubnetMixin, nn.Conv2d):
                    generator: torch.Generator | None = None, sign_seed: int | None = None
                    ) -> SubnetConv2d:
         """A ``SubnetConv2d`` like ``module``; keeps its weight and bias unless ``init``."""
-        new = cls(module.in_channels, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode, k=k, init=init, scale_fan=scale_fan,
-                  nonlinearity=nonlinearity, generator=generator,
-                  device=module.weight.device, dtype=module.weight.dtype, sign_seed=sign_seed)
-        _copy_dense(module, new, keep_weight=init is None)
+        new = cls(**layer_config(module), k=k, init=init, scale_fan=scale_fan,
+                  nonlinearity=nonlinearity, generator=generator, sign_seed=sign_seed)
+        copy_dense_(module, new, keep_weight=init is None)
         return new
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding ``W * M`` (and the bias): same outputs, no scores."""
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
-                          stride=self.stride, padding=self.padding, dilation=self.dilation,
-                          groups=self.groups, bias=self.bias is not None,
-                          padding_mode=self.padding_mode, device=self.weight.device,
-                          dtype=self.weight.dtype)
-        _export_dense(self, dense)
-        return dense
+        return to_plain(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._subnet_repr()}"
-
-
-@torch.no_grad()
-def _copy_dense(src: nn.Module, dst: SubnetMixin, keep_weight: bool) -> None:
-    if keep_weight:
-        dst.weight.copy_(src.weight)
-    if src.bias is not None and dst.bias is not None:
-        dst.bias.copy_(src.bias)
-
-
-@torch.no_grad()
-def _export_dense(src: SubnetMixin, dst: nn.Module) -> None:
-    dst.weight.copy_(src.effective_weight())
-    if src.bias is not None:
-        dst.bias.copy_(src.bias)
 
 
 def subnet_modules(model: nn.Module) -> list[tuple[str, SubnetMixin]]:

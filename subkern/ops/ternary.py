@@ -223,15 +223,21 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_meta = None if bias is None else (bias.dtype,)
 
 
-def _backward(ctx, grad: torch.Tensor):
-    mask_bits, sign_bits = ctx.saved_tensors
-    # dy/dx = W (dense, float32): grad_x = grad @ W.
-    w = unpack_ternary(mask_bits, sign_bits, ctx.scale, ctx.in_features, torch.float32)
+def _input_grads(ctx, grad: torch.Tensor, w: torch.Tensor):
+    """Gradients of ``y = x @ W^T + b`` (``W`` constant, the dense float32 ``w``) for the six
+    inputs of both ternary ops: ``(grad @ W, None x 4, sum_rows(grad))``, in x's / b's dtype."""
     grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     grad_bias = None
     if ctx.bias_meta is not None:
         grad_bias = grad.to(torch.float32).sum(0).to(ctx.bias_meta[0])
     return grad_x, None, None, None, None, grad_bias
+
+
+def _backward(ctx, grad: torch.Tensor):
+    mask_bits, sign_bits = ctx.saved_tensors
+    # dy/dx = W (dense, float32): grad_x = grad @ W.
+    w = unpack_ternary(mask_bits, sign_bits, ctx.scale, ctx.in_features, torch.float32)
+    return _input_grads(ctx, grad, w)
 
 
 torch.library.register_autograd(qualname("ternary_linear"), _backward,
@@ -272,6 +278,19 @@ def _check_bits(name: str, bits: object, out_features: int | None, nwords: int
     return bits.contiguous()
 
 
+def _check_bias(bias: object, out_features: int) -> torch.Tensor | None:
+    """``bias``: ``None`` or a floating-point tensor of shape ``(out_features,)`` (made
+    contiguous)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or bias.shape != (out_features,):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be a tensor of shape ({out_features},), got {got}")
+    if not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be floating point, got {bias.dtype}")
+    return bias.contiguous()
+
+
 def ternary_linear(x: torch.Tensor, mask_bits: torch.Tensor, sign_bits: torch.Tensor,
                    scale: float, in_features: int, bias: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -294,13 +313,7 @@ def ternary_linear(x: torch.Tensor, mask_bits: torch.Tensor, sign_bits: torch.Te
     sign_bits = _check_bits("sign_bits", sign_bits, mask_bits.shape[0], nwords)
     out_features = mask_bits.shape[0]
     scale = float(scale)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (out_features,):
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must be a tensor of shape ({out_features},), got {got}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be floating point, got {bias.dtype}")
-        bias = bias.contiguous()
+    bias = _check_bias(bias, out_features)
     for name, t in (("mask_bits", mask_bits), ("sign_bits", sign_bits), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -431,11 +444,7 @@ def _setup_context_prepacked(ctx, inputs, output) -> None:
 def _backward_prepacked(ctx, grad: torch.Tensor):
     (packed,) = ctx.saved_tensors
     w = unprepack_ternary(packed, ctx.scale, *ctx.shape, torch.float32)
-    grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
-    grad_bias = None
-    if ctx.bias_meta is not None:
-        grad_bias = grad.to(torch.float32).sum(0).to(ctx.bias_meta[0])
-    return grad_x, None, None, None, None, grad_bias
+    return _input_grads(ctx, grad, w)
 
 
 torch.library.register_autograd(qualname("ternary_linear_prepacked"), _backward_prepacked,
@@ -522,13 +531,7 @@ def ternary_linear_prepacked(x: torch.Tensor, packed: torch.Tensor, scale: float
     if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
         raise ValueError(f"packed must be uint8 {want} (ternary_prepack of a {out_features} x "
                          f"{in_features} layer), got {packed.dtype} {tuple(packed.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (out_features,):
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must be a tensor of shape ({out_features},), got {got}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be floating point, got {bias.dtype}")
-        bias = bias.contiguous()
+    bias = _check_bias(bias, out_features)
     for name, t in (("packed", packed), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")

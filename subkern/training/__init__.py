@@ -4,7 +4,7 @@ checkpoints with resume, and DDP set-up through torchrun."""
 from __future__ import annotations
 
 from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, cleanup, init_distributed, resolve_device
+from .distributed import DistInfo, cleanup, init_distributed, process_group, resolve_device
 from .loop import FitConfig, cosine_lr, evaluate, fit, seed_everything
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "fit",
     "init_distributed",
     "load_checkpoint",
+    "process_group",
     "resolve_device",
     "save_checkpoint",
     "seed_everything",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +79,17 @@ def cleanup() -> None:
     """Leave the process group if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto", info: DistInfo | None = None) -> Iterator[DistInfo]:
+    """``with process_group(device, info) as info:``: ``info`` when given (the caller owns the
+    group), else ``init_distributed(device)`` (torchrun's environment, or a single process),
+    whose group is left again (``cleanup``) when the block ends, also on an exception."""
+    own_group = info is None
+    info = info or init_distributed(device)
+    try:
+        yield info
+    finally:
+        if own_group:
+            cleanup()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ...data import DATASETS
 from ...nn.init import INIT_MODES, check_k
+from .._recipe import RecipeMixin
 from .models import MODELS
 
 DIGITS_EPOCHS = 20
@@ -21,7 +21,7 @@ PAPER_EPOCHS = 100
 
 
 @dataclass
-class EdgePopupRecipe:
+class EdgePopupRecipe(RecipeMixin):
     """Everything a reference edge-popup run needs (the CLI flags map one-to-one onto these).
 
     ``dense_baseline=True`` trains the same architecture normally (all weights, learned
@@ -56,21 +56,13 @@ class EdgePopupRecipe:
 
     def __post_init__(self) -> None:
         check_k(self.k)
-        if self.data not in DATASETS:
-            raise ValueError(f"unknown data set {self.data!r}; expected {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; expected {', '.join(MODELS)}")
+        self._check_data_and_model(MODELS)
         if self.init not in INIT_MODES:
             raise ValueError(f"unknown init {self.init!r}; expected {', '.join(INIT_MODES)}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.width_mult > 0:
-            raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
+        self._check_epochs_and_width()
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("batch size must be >= 1 and lr > 0")
-        if self.stop_after is not None and (self.stop_after < 1 or not self.out):
-            raise ValueError("stop_after needs a value >= 1 and an output folder (out) for the "
-                             "checkpoint to resume from")
+        self._check_stop_after()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -79,10 +71,6 @@ class EdgePopupRecipe:
         if self.epochs is not None:
             return self.epochs
         return DIGITS_EPOCHS if self.data == "digits" else PAPER_EPOCHS
-
-    @property
-    def use_augment(self) -> bool:
-        return self.data == "cifar10" if self.augment is None else self.augment
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,15 +16,7 @@ from torch import nn
 
 from ... import data as data_mod
 from ...nn.subnet import kept_fraction
-from ...training import (
-    DistInfo,
-    FitConfig,
-    cleanup,
-    evaluate,
-    fit,
-    init_distributed,
-    seed_everything,
-)
+from ...training import DistInfo, evaluate, fit, process_group, seed_everything
 from .models import Builder, build_model
 from .recipe import EdgePopupRecipe
 
@@ -65,21 +57,13 @@ def train_edgepopup(recipe: EdgePopupRecipe, info: DistInfo | None = None,
     again at the end). With ``recipe.out`` the checkpoint (every epoch) and ``result.json`` are
     written there; ``recipe.resume`` continues from a checkpoint.
     """
-    own_group = info is None
-    info = info or init_distributed(recipe.device)
-    try:
+    with process_group(recipe.device, info) as info:
         seed_everything(recipe.seed)
         split = data_mod.load(recipe.data, recipe.data_dir)
         model = make_model(recipe, split.in_shape, split.num_classes).to(info.device)
         optimizer = make_optimizer(model, recipe)
         checkpoint = os.path.join(recipe.out, CHECKPOINT_NAME) if recipe.out else None
-        config = FitConfig(
-            epochs=recipe.num_epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-            warmup=recipe.warmup, label_smoothing=recipe.label_smoothing, seed=recipe.seed,
-            progress=recipe.progress, stop_after=recipe.stop_after, checkpoint_path=checkpoint,
-            resume_path=recipe.resume,
-            augment=data_mod.random_crop_flip if recipe.use_augment else None,
-            meta=recipe.identity(), log=log)
+        config = recipe.fit_config(recipe.warmup, checkpoint, log)
         initial_acc = None if recipe.resume else evaluate(model, split.test, info.device,
                                                            info=info)
         history = fit(model, split.train, split.test, optimizer, config, info)
@@ -98,6 +82,3 @@ def train_edgepopup(recipe: EdgePopupRecipe, info: DistInfo | None = None,
             with open(os.path.join(recipe.out, RESULT_NAME), "w") as handle:
                 json.dump(result, handle, indent=2)
         return result | {"model": model}
-    finally:
-        if own_group:
-            cleanup()

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from ...data import DATASETS
+from .._recipe import RecipeMixin
 from ..edgepopup.models import MODELS
 
 # digits: 1438 training images, 12 steps per epoch at batch 128
@@ -68,7 +68,7 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class STRRecipe:
+class STRRecipe(RecipeMixin):
     """Everything a reference STR run needs (the CLI flags map one-to-one onto these).
 
     ``None`` for ``epochs``, ``s_init``, ``weight_decay`` or ``warmup`` takes the data set's
@@ -108,14 +108,8 @@ class STRRecipe:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.data not in DATASETS:
-            raise ValueError(f"unknown data set {self.data!r}; expected {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; expected {', '.join(MODELS)}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.width_mult > 0:
-            raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
+        self._check_data_and_model(MODELS)
+        self._check_epochs_and_width()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -140,9 +134,7 @@ class STRRecipe:
                 raise ValueError("target_sparsity and dense_baseline exclude each other")
         if not 0.0 <= self.target_ramp <= 1.0:
             raise ValueError(f"target_ramp must be in [0, 1], got {self.target_ramp}")
-        if self.stop_after is not None and (self.stop_after < 1 or not self.out):
-            raise ValueError("stop_after needs a value >= 1 and an output folder (out) for the "
-                             "checkpoint to resume from")
+        self._check_stop_after()
 
     @classmethod
     def paper(cls, name: str, **overrides: Any) -> STRRecipe:
@@ -178,10 +170,6 @@ class STRRecipe:
     @property
     def warmup_epochs(self) -> int:
         return int(self._default("warmup"))
-
-    @property
-    def use_augment(self) -> bool:
-        return self.data == "cifar10" if self.augment is None else self.augment
 
     def resolved(self) -> STRRecipe:
         """A copy with every data-dependent default filled in."""

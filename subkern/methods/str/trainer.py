@@ -20,15 +20,7 @@ import torch
 from torch import nn
 
 from ... import data as data_mod
-from ...training import (
-    DistInfo,
-    FitConfig,
-    cleanup,
-    evaluate,
-    fit,
-    init_distributed,
-    seed_everything,
-)
+from ...training import DistInfo, evaluate, fit, process_group, seed_everything
 from ..edgepopup.models import Builder, build_model
 from .budget import budget_report
 from .recipe import STRRecipe
@@ -94,9 +86,7 @@ def train_str(recipe: STRRecipe, info: DistInfo | None = None,
     With ``recipe.out`` the checkpoint (every epoch), ``result.json`` and ``budget.png`` are
     written there; ``recipe.resume`` continues from a checkpoint.
     """
-    own_group = info is None
-    info = info or init_distributed(recipe.device)
-    try:
+    with process_group(recipe.device, info) as info:
         seed_everything(recipe.seed)
         split = data_mod.load(recipe.data, recipe.data_dir)
         model = make_model(recipe, split.in_shape, split.num_classes).to(info.device)
@@ -108,13 +98,7 @@ def train_str(recipe: STRRecipe, info: DistInfo | None = None,
             controller = TargetSparsity(model, optimizer, recipe.target_sparsity, total,
                                         ramp=recipe.target_ramp).attach()
         checkpoint = os.path.join(recipe.out, CHECKPOINT_NAME) if recipe.out else None
-        config = FitConfig(
-            epochs=recipe.num_epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-            warmup=recipe.warmup_epochs, label_smoothing=recipe.label_smoothing,
-            seed=recipe.seed, progress=recipe.progress, stop_after=recipe.stop_after,
-            checkpoint_path=checkpoint, resume_path=recipe.resume,
-            augment=data_mod.random_crop_flip if recipe.use_augment else None,
-            meta=recipe.identity(), log=log)
+        config = recipe.fit_config(recipe.warmup_epochs, checkpoint, log)
         history = fit(model, split.train, split.test, optimizer, config, info)
         if controller is not None:
             controller.detach()
@@ -143,6 +127,3 @@ def train_str(recipe: STRRecipe, info: DistInfo | None = None,
                         title=f"STR {recipe.model} on {recipe.data}: "
                               f"{100 * report.sparsity:.1f}% sparse, test acc {test_acc:.4f}")
         return result | {"model": model, "report": report}
-    finally:
-        if own_group:
-            cleanup()
