@@ -131,18 +131,23 @@ def _empty_result(B: int, out: int, bias: torch.Tensor | None, device: torch.dev
 
 
 def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-               X: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``Y [out, N] = W @ X`` for ``X [in_features, N]``; returns ``X``'s dtype."""
+               X: torch.Tensor, in_features: int, bias: torch.Tensor | None = None,
+               relu: bool = False) -> torch.Tensor:
+    """``Y [out, N] = relu?(W @ X + bias[:, None])`` for ``X [in_features, N]``; returns ``X``'s
+    dtype (the optional bias / ReLU epilogue is applied in float32 after the kernel)."""
     out = row_ptr.shape[0] - 1
     N = X.shape[1]
     Y = torch.zeros((out, N), dtype=torch.float32, device=X.device)
-    if out == 0 or N == 0 or values.numel() == 0:
-        return Y.to(X.dtype)
-    X = X.contiguous()
-    block_n = min(64, max(16, triton.next_power_of_2(N)))
-    grid = (out, triton.cdiv(N, block_n))
-    _csr_spmm_kernel[grid](row_ptr, col_idx, values, X, Y, N, in_features,
-                           COL16=col_idx.dtype == torch.int16, BLOCK_K=16, BLOCK_N=block_n)
+    if out > 0 and N > 0 and values.numel() > 0:
+        X = X.contiguous()
+        block_n = min(64, max(16, triton.next_power_of_2(N)))
+        grid = (out, triton.cdiv(N, block_n))
+        _csr_spmm_kernel[grid](row_ptr, col_idx, values, X, Y, N, in_features,
+                               COL16=col_idx.dtype == torch.int16, BLOCK_K=16, BLOCK_N=block_n)
+    if bias is not None:
+        Y += bias.to(torch.float32).unsqueeze(1)
+    if relu:
+        Y.clamp_min_(0.0)
     return Y.to(X.dtype)
 
 

@@ -263,3 +263,24 @@ def test_sparse_e2e_benchmark_tiny():
     result = sparse_e2e.run(BenchConfig(size="tiny", reps=1, log=lambda _msg: None))
     assert not result.errors and result.rows and all(row.match for row in result.rows)
     assert result.rows[0].target == sparse_e2e.TARGET
+
+
+@pytest.mark.parametrize("with_relu", [True, False])
+def test_fused_relu_is_exact_and_sets_the_format_version(tmp_path, with_relu):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)]
+    if with_relu:
+        layers.append(nn.ReLU())
+    layers += [nn.Conv2d(8, 4, 1), nn.Flatten()]
+    model = _sparsify_weights_(nn.Sequential(*layers), density=0.3).eval()
+    path = tmp_path / "m.safetensors"
+    converted = deploy.export(model, path, formats="csr")
+    convs = [m for m in converted.modules() if isinstance(m, SparseConv2d)]
+    assert [m.relu for m in convs] == ([True, False] if with_relu else [False, False])
+    header = deploy.read_metadata(path)
+    expected = deploy.sparse.FORMAT_VERSION if with_relu else deploy.sparse.FORMAT_VERSION_PLAIN
+    assert int(header["format_version"]) == expected
+    loaded = deploy.load(path)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)

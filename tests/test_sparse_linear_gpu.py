@@ -85,6 +85,13 @@ def test_triton_csr_matmul_and_bitmap(n):
     torch.testing.assert_close(Y.double().cpu(), w.double() @ X.double(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(yb.double().cpu(), (w.double() @ X.double()).t(), atol=1e-4,
                                rtol=1e-4)
+    bias = torch.randn(257)
+    for backend in ("triton", "auto"):   # auto: the CUDA dispatch of the op (Triton fallback)
+        with use_backend(backend):
+            Yb = S.csr_matmul(p["row_ptr"], p["col_idx"], p["values"], X.cuda(), 300,
+                              bias.cuda(), True)
+        ref = torch.relu(w.double() @ X.double() + bias.double().unsqueeze(1))
+        torch.testing.assert_close(Yb.double().cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_auto_backend_and_compile_on_cuda():

@@ -16,11 +16,12 @@ statistics randomised (fixed seed). Sparsity, 90 % of the conv + linear weights 
 
 Each layer keeps its largest-magnitude weights (kaiming-uniform init, so the pattern is random).
 Ours: ``deploy.export`` (BatchNorm folded into the convs, formats chosen per layer) then
-``deploy.load``, i.e. what a user runs. Rivals, same run: the dense fp32 model as trained
-(``torch``'s default CPU path: mkldnn convolutions) and the dense model with the same BatchNorm
-folding (fairness: the folding alone is worth a few percent). Timing: ``torch.inference_mode``,
-harness protocol (warm-up, best of ``reps``). ``match``: the outputs agree within
-``1e-3 * max|y|`` (float32 summation order over 54 layers).
+``deploy.load``, i.e. what a user runs, then :func:`subkern.nn.sparse.fuse_relu_` (the ReLU after a
+sparse convolution runs in ``csr_matmul``'s epilogue). Rivals, same run: the dense fp32 model as
+trained (``torch``'s default CPU path: mkldnn convolutions) and the dense model with the same
+BatchNorm folding (fairness: the folding alone is worth a few percent). Timing:
+``torch.inference_mode``, harness protocol (warm-up, best of ``reps``). ``match``: the outputs agree
+within ``1e-3 * max|y|`` (float32 summation order over 54 layers).
 
 Target (issue): ours >= 2x faster than the dense model at batch 1, 224x224 (``uniform``).
 ``--size quick`` runs 224x224 with fewer repetitions and batch 1 only; ``full`` adds batch 8;
@@ -40,6 +41,7 @@ from torch import nn
 
 from .. import deploy
 from ..methods.edgepopup.models import Builder, build_model
+from ..nn.sparse import fuse_relu_
 from .harness import BenchConfig, BenchResult, Measurement, compare, time_cpu
 
 FAMILY = "sparse_e2e"
@@ -140,7 +142,8 @@ def run(config: BenchConfig) -> BenchResult:
                      "sparsity": SPARSITY, "budgets": list(size.budgets),
                      "batches": list(size.batches), "warmup": size.warmup, "reps": reps,
                      "target_vs_dense_batch1": TARGET,
-                     "ours": "deploy.export (BatchNorm folded, formats auto) + deploy.load"}
+                     "ours": "deploy.export (BatchNorm folded, formats auto) + deploy.load "
+                             "+ subkern.nn.sparse.fuse_relu_"}
     for budget in size.budgets:
         config.log(f"[{FAMILY}] building the {budget} {SPARSITY:.0%}-sparse ResNet-50")
         model = make_model(size, budget)
@@ -149,6 +152,9 @@ def run(config: BenchConfig) -> BenchResult:
             deploy.export(model, path)
             artifact_bytes = os.path.getsize(path)
             ours_model = deploy.load(path)
+        # ReLUs after sparse convolutions go into csr_matmul's epilogue (a no-op once the
+        # deployment lowering fuses them itself)
+        fused_relus = fuse_relu_(ours_model)
         folded = deploy.to_sparse(model, formats="dense")
         report = deploy.layer_report(ours_model)
         formats: dict[str, int] = {}
@@ -158,7 +164,7 @@ def run(config: BenchConfig) -> BenchResult:
         nnz = sum(r["nnz"] for r in report)
         result.notes.append(f"{budget}: {len(report)} layers, formats {formats}, overall "
                             f"density {nnz / total:.4f}, artifact {artifact_bytes / 2**20:.1f} "
-                            "MiB")
+                            f"MiB, {fused_relus} ReLUs fused into sparse convolutions")
         for batch in size.batches:
             case = f"{budget} b={batch} {size.resolution}px"
             config.log(f"[{FAMILY}] {case}")

@@ -17,14 +17,13 @@ from __future__ import annotations
 from .artifact import DeployFormatError
 from .sparse import FORMAT_NAME as SPARSE_FORMAT_NAME
 from .sparse import FORMAT_VERSION as SPARSE_FORMAT_VERSION
-from .sparse import export, fold_batchnorm_, layer_report, load, to_sparse
+from .sparse import export, fold_batchnorm_, layer_report, load, read_metadata, to_sparse
 from .supermask import (
     FORMAT_NAME,
     FORMAT_VERSION,
     FORMAT_VERSION_BITS,
     export_supermask,
     load_supermask,
-    read_metadata,
     sign_modes,
     to_supermask,
 )

@@ -53,17 +53,29 @@ from ..nn.sparse import (
     SparseConv2d,
     SparseLinear,
     effective_weight,
+    fuse_relu_,
 )
 from ..nn.supermask import SupermaskConv2d, SupermaskLinear, subnet_weight_and_mask
 from . import supermask as _supermask
-from .artifact import DeployFormatError, parse_header, read_artifact, read_bytes, write_artifact
+from .artifact import (
+    DeployFormatError,
+    check_metadata,
+    parse_header,
+    read_artifact,
+    read_bytes,
+    write_artifact,
+)
 from .tree import MaxPool2d, describe, instantiate, lower, register_leaf
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "export", "load", "to_sparse", "fold_batchnorm_",
-           "layer_report"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FORMAT_VERSION_PLAIN", "export", "load", "to_sparse",
+           "fold_batchnorm_", "layer_report", "read_metadata"]
 
 FORMAT_NAME = "subkern.sparse"
-FORMAT_VERSION = 1
+#: Newest version of the format this code reads and writes. Version 2 added ``relu`` to a
+#: ``SparseConv2d``'s config (a ReLU fused into the conv's epilogue); files without a fused ReLU
+#: are written as version 1 (:data:`FORMAT_VERSION_PLAIN`) so older subkerns still read them.
+FORMAT_VERSION = 2
+FORMAT_VERSION_PLAIN = 1
 
 register_leaf("SparseLinear", SparseLinear)
 register_leaf("SparseConv2d", SparseConv2d)
@@ -227,14 +239,16 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def to_sparse(model: nn.Module, value_dtype: torch.dtype | str | None = None,
-              formats: Formats = "auto", batch_hint: int = 1, fold_batchnorm: bool = True
-              ) -> nn.Module:
+              formats: Formats = "auto", batch_hint: int = 1, fold_batchnorm: bool = True,
+              fuse_relu: bool = True) -> nn.Module:
     """A CPU copy of ``model`` (eval mode) with Sparse* inference layers (module docstring).
 
     ``formats``: ``"auto"``, one of ``"csr"``, ``"bitmap"`` (convolutions: csr), ``"dense"`` for
     every layer, a mapping from a layer's path in the converted model (e.g.
     ``"layer1.0.body.conv1"``; missing paths: ``"auto"``) or a callable ``(path, plain module)
     -> format``. ``value_dtype``: float32 (default), bfloat16 or float16 values.
+    ``fuse_relu``: a ``SparseConv2d`` directly followed by ``nn.ReLU`` in a ``Sequential`` applies
+    the ReLU in its epilogue (:func:`subkern.nn.sparse.fuse_relu_`; exact).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -250,6 +264,8 @@ def to_sparse(model: nn.Module, value_dtype: torch.dtype | str | None = None,
     if fold_batchnorm:
         fold_batchnorm_(out)
     _sparsify(out, "", formats, value_dtype, batch_hint)
+    if fuse_relu:
+        fuse_relu_(out)
     if wrapped:
         out = out[0]
     return out.eval()
@@ -294,8 +310,8 @@ def _verify(model: nn.Module, converted: nn.Module, example_input: torch.Tensor,
 def export(model: nn.Module, path: str | os.PathLike[str],
            value_dtype: torch.dtype | str | None = None, formats: Formats = "auto",
            batch_hint: int = 1, fold_batchnorm: bool = True,
-           example_input: torch.Tensor | None = None, tolerance: float | None = None
-           ) -> nn.Module:
+           example_input: torch.Tensor | None = None, tolerance: float | None = None,
+           fuse_relu: bool = True) -> nn.Module:
     """Convert ``model`` (:func:`to_sparse`) and write it to ``path`` as a ``"subkern.sparse"``
     safetensors artifact (atomically). Returns the converted model (CPU, eval mode).
 
@@ -304,15 +320,17 @@ def export(model: nn.Module, path: str | os.PathLike[str],
     nothing is written. Raises :class:`DeployFormatError` for a module the architecture tree
     cannot describe and for a failed check.
     """
-    converted = to_sparse(model, value_dtype, formats, batch_hint, fold_batchnorm)
+    converted = to_sparse(model, value_dtype, formats, batch_hint, fold_batchnorm, fuse_relu)
     if example_input is not None:
         if tolerance is None:
             half = value_dtype is not None and str(value_dtype).removeprefix("torch.") in (
                 "bfloat16", "float16")
             tolerance = 5e-2 if half else 1e-4
         _verify(model, converted, example_input, tolerance)
+    fused = any(isinstance(m, SparseConv2d) and m.relu for m in converted.modules())
     write_artifact(path, converted.state_dict(), format_name=FORMAT_NAME,
-                   format_version=FORMAT_VERSION, architecture=describe(converted))
+                   format_version=FORMAT_VERSION if fused else FORMAT_VERSION_PLAIN,
+                   architecture=describe(converted))
     return converted
 
 
@@ -325,6 +343,19 @@ def _check_layers(model: nn.Module, path: str) -> None:
                 raise DeployFormatError(f"{path}: layer {name!r}: {err}") from err
 
 
+def _readable_formats() -> dict[str, int]:
+    """Format name -> newest version :func:`load` reads."""
+    return {FORMAT_NAME: FORMAT_VERSION, _supermask.FORMAT_NAME: _supermask.FORMAT_VERSION}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata (all strings: ``format``, ``format_version``, ``checksum``, ...) of a sparse
+    or supermask artifact; raises :class:`DeployFormatError` for a file :func:`load` refuses by
+    its header (truncated, foreign, newer version)."""
+    spath, data = read_bytes(path)
+    return check_metadata(parse_header(data, spath), spath, _readable_formats())
+
+
 def load(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the model of a ``"subkern.sparse"`` or ``"subkern.supermask"`` artifact (eval).
 
@@ -332,7 +363,7 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> nn
     and inconsistent sparse buffers with :class:`DeployFormatError` naming the problem.
     """
     spath, data = read_bytes(path)
-    formats = {FORMAT_NAME: FORMAT_VERSION, _supermask.FORMAT_NAME: _supermask.FORMAT_VERSION}
+    formats = _readable_formats()
     meta = parse_header(data, spath).get("__metadata__") or {}
     if isinstance(meta, dict) and meta.get("format") == _supermask.FORMAT_NAME:
         return _supermask.load_supermask(spath, device)

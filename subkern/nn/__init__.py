@@ -10,7 +10,7 @@ from __future__ import annotations
 from .batchnorm import NonAffineBatchNorm2d
 from .init import INIT_MODES, init_scores_, init_weight_, seeded_signs
 from .lowrank import FactorizedLinear, STRFastGRNN, STRFastGRNNCell, STRLowRankLinear
-from .sparse import SparseConv2d, SparseLinear
+from .sparse import SparseConv2d, SparseLinear, fuse_relu_
 from .str import STRConv2d, STRLinear, STRMixin, overall_sparsity, str_modules
 from .subnet import (
     SubnetConv2d,
@@ -39,6 +39,7 @@ __all__ = [
     "STRLowRankLinear",
     "SupermaskConv2d",
     "SupermaskLinear",
+    "fuse_relu_",
     "init_scores_",
     "init_weight_",
     "kept_fraction",

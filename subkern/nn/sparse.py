@@ -24,9 +24,12 @@ Forward (always the registered ops ``torch.ops.subkern.*``, so ``torch.export`` 
   ``X`` is the activation viewed ``[C, H W]``; other convolutions build the explicit im2col
   matrix (``kh kw`` times the input's memory) with one strided copy of the padded input (see
   ``SparseConv2d._columns``; faster than ``F.unfold``). A batch of ``N`` images is one product
-  over ``X [K, N L]``. Grouped convolutions store the block-diagonal ``[out, C kh kw]`` matrix
-  (the zeros outside the groups are not stored, so the cost is the same), so every ``groups`` is
-  supported.
+  over ``X [K, N L]``. A stride-1 convolution of one float32 image needs no im2col either: the
+  CSR columns are remapped to offsets into the flattened zero-padded image, which ``csr_matmul``
+  reads as an overlapping ``X`` view (``SparseConv2d._forward_implicit``). Bias and an optional
+  fused ReLU (``relu=True``, :func:`fuse_relu_`) run in ``csr_matmul``'s epilogue. Grouped
+  convolutions store the block-diagonal ``[out, C kh kw]`` matrix (the zeros outside the groups
+  are not stored, so the cost is the same), so every ``groups`` is supported.
 
 :func:`SparseLinear.from_dense` / :func:`SparseConv2d.from_dense` build a layer from a dense
 module or weight, choosing the format (``format="auto"``) with
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.library import has_kernel
 from ..ops.sparse_linear import (
     MAX_INT16_COLUMNS,
     choose_format,
@@ -57,6 +61,7 @@ from ..ops.sparse_linear import (
 from ..ops.ternary import words_for
 
 __all__ = ["SparseLinear", "SparseConv2d", "FORMATS", "CONV_FORMATS", "effective_weight",
+           "fuse_relu_",
            "choose_conv_format", "CONV_DENSE_PS_PER_MAC", "CONV_CSR_PS_PER_NNZ_MAC",
            "CONV_IM2COL_PS_PER_ELEMENT"]
 
@@ -375,7 +380,9 @@ class SparseConv2d(_SparseBase):
     order ``(c, i, j)``; for ``groups > 1`` output channel ``o`` of group ``g`` has nonzeros only in
     the columns of input channels ``g * C / groups ...``, i.e. the block-diagonal expansion of the
     grouped weight ``[out, C / groups, kh, kw]``. The ``"dense"`` format keeps the grouped weight
-    and runs ``F.conv2d``.
+    and runs ``F.conv2d``. ``relu=True`` computes ``relu(conv(x) + b)`` (a folded BatchNorm's
+    shift is the bias): in the CSR format bias and ReLU are applied by ``csr_matmul``'s fused
+    epilogue, so the output is written once.
     """
 
     def __init__(self, in_channels: int, out_channels: int,
@@ -383,8 +390,13 @@ class SparseConv2d(_SparseBase):
                  padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
                  groups: int = 1, bias: bool = True, format: str = "csr", nnz: int = 0,
                  value_dtype: torch.dtype | str = "float32",
-                 index_dtype: torch.dtype | str | None = None) -> None:
+                 index_dtype: torch.dtype | str | None = None, relu: bool = False) -> None:
         super().__init__()
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        #: Apply a ReLU to the output (a following ``nn.ReLU`` fused into the layer; the CSR
+        #: format fuses it, with the bias, into ``csr_matmul``'s store).
+        self.relu = relu
         self.in_channels = _int("in_channels", in_channels, 1)
         self.out_channels = _int("out_channels", out_channels, 1)
         self.groups = _int("groups", groups, 1)
@@ -451,11 +463,13 @@ class SparseConv2d(_SparseBase):
                    stride: int | tuple[int, int] | None = None,
                    padding: int | tuple[int, int] | None = None,
                    dilation: int | tuple[int, int] | None = None, groups: int | None = None,
-                   index_dtype: torch.dtype | str | None = None) -> SparseConv2d:
+                   index_dtype: torch.dtype | str | None = None, relu: bool = False
+                   ) -> SparseConv2d:
         """Pack a dense ``nn.Conv2d`` (or STR / pruned conv: :func:`effective_weight`; its
         stride, padding, dilation and groups are used) or a weight ``[out, C/g, kh, kw]`` (with
         the keyword arguments; defaults 1, 0, 1, 1). ``format="auto"``:
-        :func:`choose_conv_format` (a 1x1 stride-1 unpadded convolution needs no im2col)."""
+        :func:`choose_conv_format` (a 1x1 stride-1 unpadded convolution needs no im2col).
+        ``relu=True``: the layer also applies the ReLU that follows the convolution."""
         if isinstance(module_or_weight, torch.Tensor):
             weight = module_or_weight.detach()
             module_bias = None
@@ -490,20 +504,21 @@ class SparseConv2d(_SparseBase):
         nnz = int((weight != 0).sum())
         if format == "auto":
             st = _pair("stride", geometry["stride"])
-            no_copy = ((kh, kw) == (1, 1) and st == (1, 1)
-                       and _pair("padding", geometry["padding"]) == (0, 0))
+            # stride 1: no im2col copy (a view, or the implicit path of one image)
+            no_copy = st == (1, 1)
             format = choose_conv_format(out, cg * kh * kw, nnz, im2col=not no_copy,
                                         stride=st[1])
         vname = _dtype_name(value_dtype)
         layer = cls(cg * groups_, out, (kh, kw), geometry["stride"], geometry["padding"],
                     geometry["dilation"], groups_, b is not None, format,
-                    nnz if format != "dense" else 0, vname, index_dtype)
+                    nnz if format != "dense" else 0, vname, index_dtype, relu)
         layer._fill(layer._expand(weight) if format == "csr" else weight, weight,
                     None if b is None else b.cpu())
         return layer
 
     def to_dense(self) -> nn.Conv2d:
-        """The equivalent float32 ``nn.Conv2d``."""
+        """The equivalent float32 ``nn.Conv2d`` (with ``relu=True`` the layer equals this
+        convolution followed by ``nn.ReLU``)."""
         dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                           self.padding, self.dilation, self.groups, bias=self.bias is not None)
         with torch.no_grad():
@@ -518,7 +533,8 @@ class SparseConv2d(_SparseBase):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": list(self.padding), "dilation": list(self.dilation),
-                "groups": self.groups, **self._common_config()}
+                "groups": self.groups, **self._common_config(),
+                **({"relu": True} if self.relu else {})}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
@@ -551,24 +567,106 @@ class SparseConv2d(_SparseBase):
         if self.format == "dense":
             w = self.weight
             b = None if self.bias is None else self.bias.to(w.dtype)
-            return F.conv2d(x.to(w.dtype), w, b, self.stride, self.padding, self.dilation,
-                            self.groups).to(x.dtype)
+            y = F.conv2d(x.to(w.dtype), w, b, self.stride, self.padding, self.dilation,
+                         self.groups)
+            return (torch.relu_(y) if self.relu else y).to(x.dtype)
         n, c, h, w_in = x.shape
         ho, wo = self.output_size(h, w_in)
         if ho <= 0 or wo <= 0:
             raise ValueError(f"input {h}x{w_in} is too small for kernel {self.kernel_size} "
                              f"(dilation {self.dilation}, padding {self.padding})")
+        if self._implicit(x):
+            return self._forward_implicit(x, ho, wo)
         mat = self._columns(x, ho, wo)                                         # [K, N L]
+        # [out, N L] = relu?(W @ X + b): bias and ReLU fused into the kernel's store
         y = torch.ops.subkern.csr_matmul(self.row_ptr, self.col_idx, self.values, mat,
-                                         self.fan_in)                           # [out, N L]
-        if self.bias is not None:
-            y.add_(self.bias.to(y.dtype).unsqueeze(1))       # y is fresh: no extra allocation
+                                         self.fan_in, self.bias, self.relu)
         if n == 1:
             return y.reshape(1, self.out_channels, ho, wo)
         return y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
+
+    def _implicit(self, x: torch.Tensor) -> bool:
+        """Use the implicit-im2col path: one float32 CPU image, stride 1, a kernel or padding
+        (a 1x1 unpadded convolution is a plain view anyway), the C++ ``csr_matmul``, inference
+        (the gradient through the overlapping view would densify a ``[out, C hp wp]`` matrix)."""
+        kh, kw = self.kernel_size
+        return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and self.stride == (1, 1) and ((kh, kw) != (1, 1) or self.padding != (0, 0))
+                and not torch.compiler.is_compiling() and has_kernel("csr_matmul", "CPU"))
+
+    def _offsets(self, hp: int, wp: int) -> torch.Tensor:
+        """Column ``(c, i, j)`` of the CSR matrix -> offset ``c hp wp + i dh wp + j dw`` into
+        the flattened padded image (int32, ascending within a row like the columns); cached per
+        padded size."""
+        cache: dict[tuple[int, ...], torch.Tensor] = self.__dict__.setdefault(
+            "_offset_cache", {})
+        # (a reload of the buffers in place bumps their version counter)
+        key = (hp, wp, self.col_idx.data_ptr(), self.col_idx._version)
+        off = cache.get(key)
+        if off is None:
+            (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+            cols = columns_of(self.col_idx)
+            ch, r = cols // (kh * kw), cols % (kh * kw)
+            off = (ch * (hp * wp) + (r // kw) * (dh * wp) + (r % kw) * dw).to(torch.int32)
+            cache.clear()
+            cache[key] = off
+        return off
+
+    def _forward_implicit(self, x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+        """Stride-1 convolution of one image without the im2col copy.
+
+        On the zero-padded image ``xp [C, hp, wp]`` (one extra zero row at the bottom), flattened,
+        output pixel ``(y, z)`` of tap ``(c, i, j)`` reads ``xp_flat[c hp wp + i dh wp + j dw +
+        y wp + z]``. Computing the output on ``ho x wp`` pixels (``wp - wo`` wasted columns per
+        row) makes that ``X[off, n] = xp_flat[off + n]`` with ``n = y wp + z``: an overlapping
+        view with strides ``(1, 1)`` that ``csr_matmul`` reads in place, with the CSR columns
+        remapped to offsets ``off`` (:meth:`_offsets`). ``X`` is ``kh kw`` times smaller than the
+        im2col matrix, so it also stays in cache; the valid ``wo`` columns are then sliced out.
+        The extra row keeps the last output row's wasted columns inside the buffer.
+        """
+        (ph, pw) = self.padding
+        xp = F.pad(x[0], (pw, pw, ph, ph + 1))                           # [C, hp, wp]
+        c, hp, wp = xp.shape
+        flat = xp.reshape(-1)
+        ncols = ho * wp
+        in_feats = c * hp * wp - ncols + 1         # X[off, n] stays inside flat for every n
+        X = flat.as_strided((in_feats, ncols), (1, 1))
+        y = torch.ops.subkern.csr_matmul(self.row_ptr, self._offsets(hp, wp), self.values, X,
+                                         in_feats, self.bias, self.relu)          # [out, ho wp]
+        return y.view(1, self.out_channels, ho, wp)[:, :, :, :wo]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, format={self.format!r}, nnz={self.nnz}, "
-                f"value_dtype={self.value_dtype}, bias={self.bias is not None}")
+                f"value_dtype={self.value_dtype}, bias={self.bias is not None}"
+                + (", relu=True" if self.relu else ""))
+
+
+def fuse_relu_(model: nn.Module) -> int:
+    """Fuse every ``nn.ReLU`` that follows a :class:`SparseConv2d` in an ``nn.Sequential`` (only
+    ``nn.Identity`` in between, e.g. a folded BatchNorm's placeholder) into the layer: sets its
+    ``relu`` flag and replaces the ReLU by ``nn.Identity``; returns the number fused.
+
+    The model computes the same function (``relu(conv(x) + b)``), but a CSR layer then applies
+    bias and ReLU in ``csr_matmul``'s store instead of two more passes over the output. The flag
+    is part of :meth:`SparseConv2d.deploy_config`, so deployment artifacts keep the fusion.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    fused = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for i, name in enumerate(names):
+            conv = seq._modules[name]
+            if not isinstance(conv, SparseConv2d) or conv.relu:
+                continue
+            k = i + 1
+            while k < len(names) and type(seq._modules[names[k]]) is nn.Identity:
+                k += 1
+            if k < len(names) and type(seq._modules[names[k]]) is nn.ReLU:
+                conv.relu = True
+                seq._modules[names[k]] = nn.Identity()
+                fused += 1
+    return fused

@@ -32,18 +32,21 @@ Tensor? bias) -> Tensor``::
 ``x [B, in_features]`` float32/bfloat16/float16 (``B`` may be 0); ``values`` may have another
 float dtype than ``x``; the output is ``[B, out]`` in ``x``'s dtype, accumulated in float32.
 
-``subkern::csr_matmul(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor X, int in_features)
--> Tensor``: ``Y[o, n] = sum_j values[j] * X[col_idx[j], n]`` with ``X [in_features, N]`` and
-``Y [out, N]`` (weight-stationary SpMM: the convolution path ``Y = W_sparse @ im2col(x)``).
+``subkern::csr_matmul(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor X, int in_features,
+Tensor? bias=None, bool relu=False) -> Tensor``: ``Y[o, n] = sum_j values[j] * X[col_idx[j], n]
+(+ bias[o])``, then ``max(Y, 0)`` when ``relu``, with ``X [in_features, N]`` and ``Y [out, N]``
+(weight-stationary SpMM: the convolution path ``Y = W_sparse @ im2col(x)``; the optional epilogue
+is a convolution's bias, e.g. a folded BatchNorm, and its following ReLU, fused into the store).
 
 ``subkern::bitmap_linear(Tensor x, Tensor bitmap, Tensor row_ptr, Tensor values, int
 in_features, Tensor? bias) -> Tensor``: the same product as ``csr_linear`` from the bitmap format.
 
 Gradients are defined for ``x`` / ``X`` and ``bias`` only (the weights are frozen at inference):
-``grad_x = grad_y @ W`` (``csr_matmul``: ``grad_X = W^T @ grad_Y``), computed through the dense
-matrix. Implementations: the torch reference (densify, then ``F.linear`` in float32), C++ CPU
-(``csrc/cpu/sparse_linear.cpp``: AVX-512 / AVX2 / portable), Triton (``kernels/sparse_linear.py``)
-and CUDA C++ for the memory-bound small-batch ``csr_linear`` (``csrc/cuda/sparse_linear.cu``).
+``grad_x = grad_y @ W`` (``csr_matmul``: ``grad_X = W^T @ (grad_Y * [Y > 0 if relu])``),
+computed through the dense matrix. Implementations: the torch reference (densify, then
+``F.linear`` in float32), C++ CPU (``csrc/cpu/sparse_linear.cpp``: AVX-512 / AVX2 / portable),
+Triton (``kernels/sparse_linear.py``) and CUDA C++ for the memory-bound small-batch
+``csr_linear`` (``csrc/cuda/sparse_linear.cu``).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ MAX_INT16_COLUMNS = 1 << 16
 LIB.define("csr_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
            "int in_features, Tensor? bias) -> Tensor")
 LIB.define("csr_matmul(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor X, "
-           "int in_features) -> Tensor")
+           "int in_features, Tensor? bias=None, bool relu=False) -> Tensor")
 LIB.define("bitmap_linear(Tensor x, Tensor bitmap, Tensor row_ptr, Tensor values, "
            "int in_features, Tensor? bias) -> Tensor")
 
@@ -279,7 +282,9 @@ def choose_format(out_features: int, in_features: int, nnz: int, batch_hint: int
       ``d <= 0.4`` (:data:`CSR_MAX_DENSITY_SPMV`), else ``"dense"``;
     * batch 4 .. 63: CSR (SpMM) wins up to ~0.45 - 0.6 -> ``"csr"`` for ``d <= 0.45``;
     * batch >= 64: dense GEMM is near peak; CSR wins up to ~0.2 - 0.3 -> ``"csr"`` for
-      ``d <= 0.2``;
+      ``d <= 0.2`` (measured before the SpMM's column panels, which made wide layers faster:
+      4096 x 11008 at d = 0.1, 128 tokens, 68 -> 35 ms against 91 ms dense; the limit is kept
+      on the safe side until re-measured on an idle machine);
     * ``"bitmap"``: its AVX-512 ``vexpandps`` kernel costs ~5 cycles per 16 columns whatever the
       density (0.26 ms for 3072 x 768 at batch 1), so on the measured CPU it never beat both CSR
       and dense (CSR is faster up to d = 0.45, dense above): it is returned only inside
@@ -328,10 +333,16 @@ def reference_csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.
 
 
 def reference_csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                         X: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Ground truth: ``W @ X`` with the densified float32 weight."""
+                         X: torch.Tensor, in_features: int, bias: torch.Tensor | None = None,
+                         relu: bool = False) -> torch.Tensor:
+    """Ground truth: ``relu?(W @ X + bias[:, None])`` with the densified float32 weight."""
     w = _densify_csr(row_ptr, col_idx, values, row_ptr.shape[0] - 1, in_features, torch.float32)
-    return (w @ X.to(torch.float32)).to(X.dtype)
+    y = w @ X.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32).unsqueeze(1)
+    if relu:
+        y = torch.relu(y)
+    return y.to(X.dtype)
 
 
 def reference_bitmap_linear(x: torch.Tensor, bitmap: torch.Tensor, row_ptr: torch.Tensor,
@@ -357,7 +368,7 @@ def _csr_linear_fake(x, row_ptr, col_idx, values, in_features, bias):
 
 
 @torch.library.register_fake(qualname("csr_matmul"))
-def _csr_matmul_fake(row_ptr, col_idx, values, X, in_features):
+def _csr_matmul_fake(row_ptr, col_idx, values, X, in_features, bias=None, relu=False):
     torch._check(X.dim() == 2, lambda: "X must be 2-D [in_features, N]")
     torch._check(row_ptr.dim() == 1, lambda: "row_ptr must be 1-D [out_features + 1]")
     torch._check(X.shape[0] == in_features, lambda: "X.shape[0] != in_features")
@@ -403,18 +414,25 @@ def _bitmap_linear_backward(ctx, grad: torch.Tensor):
 
 
 def _setup_matmul(ctx, inputs, output) -> None:
-    row_ptr, col_idx, values, X, in_features = inputs
-    ctx.save_for_backward(row_ptr, col_idx, values)
+    row_ptr, col_idx, values, X, in_features, bias, relu = inputs
+    ctx.relu = bool(relu)
+    # with the ReLU the output's sign is the gradient mask (Y > 0)
+    ctx.save_for_backward(row_ptr, col_idx, values, output if ctx.relu else None)
     ctx.in_features = in_features
     ctx.x_dtype = X.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _csr_matmul_backward(ctx, grad: torch.Tensor):
-    row_ptr, col_idx, values = ctx.saved_tensors
+    row_ptr, col_idx, values, y = ctx.saved_tensors
+    g = grad.to(torch.float32)
+    if ctx.relu:
+        g = torch.where(y > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
     w = _densify_csr(row_ptr, col_idx, values, row_ptr.shape[0] - 1, ctx.in_features,
                      torch.float32, validate=False)
-    grad_X = (w.t() @ grad.to(torch.float32)).to(ctx.x_dtype)        # dY/dX = W^T
-    return None, None, None, grad_X, None
+    grad_X = (w.t() @ g).to(ctx.x_dtype)                               # dY/dX = W^T
+    grad_b = None if ctx.bias_dtype is None else g.sum(1).to(ctx.bias_dtype)
+    return None, None, None, grad_X, None, grad_b, None
 
 
 torch.library.register_autograd(qualname("csr_linear"), _csr_linear_backward,
@@ -435,10 +453,10 @@ def _triton_csr_linear(x, row_ptr, col_idx, values, in_features, bias):
     return tk.csr_linear(x, row_ptr, col_idx, values, in_features, bias)
 
 
-def _triton_csr_matmul(row_ptr, col_idx, values, X, in_features):
+def _triton_csr_matmul(row_ptr, col_idx, values, X, in_features, bias=None, relu=False):
     from ..kernels import sparse_linear as tk
 
-    return tk.csr_matmul(row_ptr, col_idx, values, X, in_features)
+    return tk.csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
 
 
 def _triton_bitmap_linear(x, bitmap, row_ptr, values, in_features, bias):
@@ -590,11 +608,16 @@ def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
 
 
 def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-               X: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``Y = W @ X`` with ``W [out, in]`` in CSR and a dense ``X [in_features, N]`` -> ``[out, N]``.
+               X: torch.Tensor, in_features: int, bias: torch.Tensor | None = None,
+               relu: bool = False) -> torch.Tensor:
+    """``Y = relu?(W @ X + bias[:, None])``: ``W [out, in]`` in CSR, dense ``X [in_features, N]``
+    -> ``[out, N]`` in ``X``'s dtype (float32 accumulation).
 
     The weight-stationary sparse x dense product of a convolution (``Y = W @ im2col(x)``; a 1x1
-    convolution's ``X`` is the activation viewed ``[C, H * W]``). ``Y`` has ``X``'s dtype.
+    convolution's ``X`` is the activation viewed ``[C, H * W]``). ``bias [out]`` (e.g. a folded
+    BatchNorm's shift) and ``relu`` (a following ReLU) are fused into the kernel's store on the
+    CPU. ``X`` needs contiguous columns only (``X.stride(1) == 1``): its rows may be strided
+    (e.g. ``X = A[:, :N]``), other layouts are copied.
     """
     in_features = _check_in_features(in_features)
     if not isinstance(X, torch.Tensor):
@@ -603,17 +626,22 @@ def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tenso
         raise TypeError(f"X must be float32, bfloat16 or float16, got {X.dtype}")
     if X.dim() != 2 or X.shape[0] != in_features:
         raise ValueError(f"X must have shape [{in_features}, N], got {tuple(X.shape)}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     values = _check_values(values, X.device)
     nnz = values.shape[0]
     row_ptr = _check_row_ptr(row_ptr, X.device, nnz)
     col_idx = _check_col_idx(col_idx, X.device, nnz, in_features)
-    X = X.contiguous()
+    bias = _check_bias(bias, row_ptr.shape[0] - 1, X.device)
+    if X.shape[1] > 1 and X.stride(1) != 1:
+        X = X.contiguous()
     chosen = _backend.resolve("csr_matmul", X.device, MATMUL_BACKENDS)
     if chosen == "reference":
-        return reference_csr_matmul(row_ptr, col_idx, values, X, in_features)
+        return reference_csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
     if chosen == "triton":
-        return _triton_csr_matmul(row_ptr, col_idx, values, X, in_features)
-    return _call(torch.ops.subkern.csr_matmul.default, row_ptr, col_idx, values, X, in_features)
+        return _triton_csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
+    return _call(torch.ops.subkern.csr_matmul.default, row_ptr, col_idx, values, X, in_features,
+                 bias, relu)
 
 
 def bitmap_linear(x: torch.Tensor, bitmap: torch.Tensor, row_ptr: torch.Tensor,
