@@ -44,19 +44,6 @@ def bitmap_args(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     return p["bitmap"], p["row_ptr"], p["values"]
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def cpu_isa(request):
-    module = _ext.extension()
-    if module is None:
-        pytest.skip("subkern._C not built")
-    try:
-        module.set_cpu_isa(request.param)
-    except Exception as err:  # noqa: BLE001 - this CPU lacks the level
-        pytest.skip(f"ISA {request.param} unavailable: {err}")
-    yield request.param
-    module.set_cpu_isa("auto")
-
-
 # --------------------------------------------------------------------------------------------
 # Packing and format choice
 # --------------------------------------------------------------------------------------------

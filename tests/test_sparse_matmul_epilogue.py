@@ -37,19 +37,6 @@ def args(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.
     return p["row_ptr"], p["col_idx"], p["values"]
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def cpu_isa(request):
-    module = _ext.extension()
-    if module is None:
-        pytest.skip("subkern._C not built")
-    try:
-        module.set_cpu_isa(request.param)
-    except Exception as err:  # noqa: BLE001 - this CPU lacks the level
-        pytest.skip(f"ISA {request.param} unavailable: {err}")
-    yield request.param
-    module.set_cpu_isa("auto")
-
-
 # (out, in, N): ragged; N = 1 / 5 / 16 / 130; (24, 7000, 40) and (40, 5000, 130) cut the input
 # features into column panels (X's batch block, in x min(N, 64) floats, exceeds 1 MB).
 SHAPES = [(7, 33, 1), (19, 70, 5), (33, 129, 16), (5, 300, 130), (24, 7000, 40),
