@@ -227,6 +227,107 @@ def test_cpp_training_step_equals_reference(threads):
     torch.testing.assert_close(ours[3], want[3])
 
 
+@pytest.mark.skipif(_backend.unavailable_reason("cpp", torch.device("cpu"),
+                                                 "masked_linear_with_mask") is not None,
+                    reason="needs the C++ CPU kernels")
+def test_cpp_select_saved_tensors_and_backward_bit_identical():
+    """masked_linear_select's saved tensors (W * M, and W * sign(S) with NaN where sign(S) = 0)
+    equal their definitions, and masked_linear_select_backward's gradients equal autograd's on
+    the reference bit for bit, on every ISA with two threads, with NaN / inf weights, zero / NaN
+    scores and a G * W that overflows where sign(S) = 0 (the reference's NaN)."""
+    import subkern._C as ext
+
+    gen = torch.Generator().manual_seed(23)
+    out_f, in_f = 290, 241  # 69890 entries: two threads' chunks and a ragged tail
+    w = torch.randn(out_f, in_f, generator=gen)
+    s = torch.randn(out_f, in_f, generator=gen)
+    w[0, :7] = float("nan")
+    w[1, :5] = float("inf")
+    w[2, :6] = 3e38
+    s[2, :3] = 0.0    # sign 0 and (with grad_y below) G * W overflows: reference gives NaN
+    s[3, :4] = float("nan")
+    s[4, :9] = -0.0
+    x = torch.randn(5, in_f, generator=gen)
+    gy = torch.randn(5, out_f, generator=gen)
+    gy[:, 2] = 1e6
+    old = torch.get_num_threads()
+    isas = ["portable"] + (["avx512"] if ext.cpu_isa() == "avx512vpopcntdq" else [])
+    mask = mk.select_mask(s, 0.3)
+    want_sign = torch.where(torch.sign(s) != 0, w * torch.sign(s), torch.tensor(float("nan")))
+    g = gy.t() @ x
+    want_gs = g * w * torch.sign(s)
+    assert want_gs[2, :3].isnan().all()  # the case is exercised
+    try:
+        torch.set_num_threads(2)
+        for isa in isas:
+            ext.set_cpu_isa(isa)
+            y, m, w_eff, w_sign = torch.ops.subkern.masked_linear_select(x, w, s, 0.3, None)
+            assert torch.equal(m, mask), isa
+            want_eff = w * mask.float()
+            assert torch.equal(w_eff.isnan(), want_eff.isnan()), isa
+            assert torch.equal(w_eff.nan_to_num(), want_eff.nan_to_num()), isa
+            assert torch.equal(w_sign.isnan(), want_sign.isnan()), isa
+            assert torch.equal(w_sign.nan_to_num(), want_sign.nan_to_num()), isa
+            for need in ([True, True, False], [False, True, True]):
+                gx, gs, gw = torch.ops.subkern.masked_linear_select_backward(
+                    gy, x, w, s, m, w_eff, w_sign, need)
+                assert torch.equal(gs.isnan(), want_gs.isnan()), (isa, need)
+                assert torch.equal(gs.nan_to_num(), want_gs.nan_to_num()), (isa, need)
+                if need[0]:
+                    gx_want = gy @ want_eff
+                    assert torch.equal(gx.isnan(), gx_want.isnan()), isa
+                if need[2]:
+                    assert torch.equal(gw, g * mask.float()), isa
+    finally:
+        ext.set_cpu_isa("auto")
+        torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(_backend.unavailable_reason("cpp", torch.device("cpu"),
+                                                 "masked_linear_with_mask") is not None,
+                    reason="needs the C++ CPU kernels")
+def test_cpp_pooled_buffers_never_overwrite_live_tensors():
+    """The training step's buffers come from a pool: a tensor the caller still holds (outputs,
+    gradients, views of them) is never handed out again, one nobody holds is reused."""
+    gen = torch.Generator().manual_seed(3)
+    out_f, in_f = 512, 600  # 1.2 MB of float32: pooled
+    w = torch.randn(out_f, in_f, generator=gen)
+    s = torch.randn(out_f, in_f, generator=gen)
+    x = torch.randn(4, in_f, generator=gen)
+    first = torch.ops.subkern.masked_linear_select(x, w, s, 0.5, None)
+    kept = [t.clone() for t in first[1:]]
+    view = first[2][3:7]
+    s2 = torch.randn(out_f, in_f, generator=gen)
+    for _ in range(3):
+        second = torch.ops.subkern.masked_linear_select(x, w, s2, 0.5, None)
+        assert second[2].data_ptr() != first[2].data_ptr()
+        assert second[3].data_ptr() != first[3].data_ptr()
+    for held, copy in zip(first[1:], kept, strict=True):
+        assert torch.equal(held.nan_to_num(), copy.nan_to_num())
+    assert torch.equal(view, kept[1][3:7])
+    # gradients: grad_scores from one step stays intact through the next steps
+    ss = s.clone().requires_grad_()
+    mk.masked_linear(x, w, ss, 0.5).sum().backward()
+    grad = ss.grad.clone()
+    for _ in range(2):
+        s3 = s2.clone().requires_grad_()
+        mk.masked_linear(x, w, s3, 0.5).square().sum().backward()
+    assert torch.equal(ss.grad, grad)
+    # released buffers are reused (no fresh allocation every step)
+    del first, view, second
+    ptrs = {torch.ops.subkern.masked_linear_select(x, w, s, 0.5, None)[2].data_ptr()
+            for _ in range(4)}
+    assert len(ptrs) == 1
+    # inference mode (inference tensors are not pooled), then a training step again
+    with torch.inference_mode():
+        y_inf = mk.masked_linear(x, w, s, 0.5)
+    ss = s.clone().requires_grad_()
+    y = mk.masked_linear(x, w, ss, 0.5)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf)
+    assert torch.equal(ss.grad, grad)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_linear_non_contiguous(backend):
     x, w, s, b = _case((9, 30), 14)
@@ -389,10 +490,14 @@ def test_opcheck_linear():
                               (g, w.detach(), s.detach(), m, True))
         # the CPU training step's ops: fused selection + W * M, backward reusing W * M
         torch.library.opcheck(torch.ops.subkern.masked_linear_select, (x, w, s, 0.5, b))
-        y_sel, m_sel = torch.ops.subkern.masked_linear_select(x.detach(), w.detach(),
-                                                              s.detach(), 0.5, None)
+        y_sel, m_sel, w_eff, w_sign = torch.ops.subkern.masked_linear_select(
+            x.detach(), w.detach(), s.detach(), 0.5, None)
         assert torch.equal(m_sel, mk.select_mask(s, 0.5))
         torch.testing.assert_close(y_sel, F.linear(x.detach(), w.detach() * m_sel))
+        sel_args = (gy, x.detach(), w.detach(), s.detach(), m_sel, w_eff, w_sign)
+        for need in ([True, True, True], [False, True, False], [True, False, False]):
+            torch.library.opcheck(torch.ops.subkern.masked_linear_select_backward,
+                                  (*sel_args, need))
 
 
 def test_opcheck_conv():

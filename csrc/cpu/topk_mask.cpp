@@ -100,6 +100,9 @@ constexpr int64_t kSample = 2048;
 constexpr int64_t kCandSample = 1024;
 // Consecutive entries per sample place.
 constexpr int64_t kSampleRun = 16;
+// Software prefetch distance of the streaming passes, in float32 entries (2 KB ahead: the
+// hardware prefetcher alone left the bracket pass at a third of the memory bandwidth).
+constexpr int64_t kPrefetchAhead = 512;
 
 // Radix fallback: bits resolved per histogram pass (16 for large tensors, else 11).
 constexpr int kWideDigitBits = 16;
@@ -403,6 +406,7 @@ __attribute__((target("avx512f,popcnt"))) void bracket_chunk_f32_avx512(
     }
     const int64_t end = i + std::min<int64_t>(kBlock, (n - i) / 16 * 16);
     for (; i < end; i += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(x + i + kPrefetchAhead), _MM_HINT_T0);
       const __m512i b = _mm512_and_si512(_mm512_loadu_si512(x + i), absmask);
       const __m512i key = _mm512_maskz_add_epi32(_mm512_cmple_epu32_mask(b, inf), b, one);
       a += __builtin_popcount(static_cast<unsigned>(_mm512_cmpgt_epu32_mask(key, vhi)));
@@ -532,6 +536,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) int64_t mask_chunk_f
   int64_t eq = 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + i + kPrefetchAhead), _MM_HINT_T0);
     const __m512i b = _mm512_and_si512(_mm512_loadu_si512(x + i), absmask);
     const __m512i key = _mm512_maskz_add_epi32(_mm512_cmple_epu32_mask(b, inf), b, one);
     const __mmask16 keep = _mm512_cmpge_epu32_mask(key, vt);
@@ -703,71 +708,90 @@ std::vector<at::Tensor> topk_mask_batched_cpu(at::TensorList scores, at::ArrayRe
 // Selection fused with W_eff = W * M (the masked layers' forward)
 // ------------------------------------------------------------------------------------------
 
-// mask[i] = key(s[i]) >= T, weff[i] = w[i] * mask[i]; returns #{key == T}. Portable.
+// mask[i] = key(s[i]) >= T, weff[i] = w[i] * mask[i], wsign[i] = w[i] * sign(s[i]) where
+// sign(s[i]) != 0 and NaN where s[i] is +-0 or NaN (the marker that tells the backward to form
+// (G * W) * sign(S) from W and S for that entry); returns #{key == T}. Portable.
 template <typename scalar_t>
-int64_t mask_apply_chunk(const scalar_t* __restrict__ s, const scalar_t* __restrict__ w,
-                         int64_t n, typename KeyOf<scalar_t>::Key T, uint8_t* __restrict__ m,
-                         scalar_t* __restrict__ weff) {
+int64_t mask_apply_chunk(const scalar_t* __restrict s, const scalar_t* __restrict w, int64_t n,
+                         typename KeyOf<scalar_t>::Key T, uint8_t* __restrict m,
+                         scalar_t* __restrict weff, scalar_t* __restrict wsign) {
   using K = KeyOf<scalar_t>;
   using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<A>::quiet_NaN());
   int64_t eq = 0;
   for (int64_t i = 0; i < n; ++i) {
     const auto key = K::key(s[i]);
     eq += (key == T);
     const uint8_t keep = static_cast<uint8_t>(key >= T);
     m[i] = keep;
-    weff[i] = static_cast<scalar_t>(static_cast<A>(w[i]) * static_cast<A>(keep));
+    const A wi = static_cast<A>(w[i]);
+    weff[i] = static_cast<scalar_t>(wi * static_cast<A>(keep));
+    const A si = static_cast<A>(s[i]);
+    wsign[i] = si > A(0) ? w[i] : (si < A(0) ? static_cast<scalar_t>(-wi) : nan);
   }
   return eq;
 }
 
 #if defined(__x86_64__)
-// AVX-512 mask_apply_chunk for float32. W_eff goes out with non-temporal stores when weff is
-// 64-byte aligned (the GEMM reads it once, next; a regular store would first read every line):
-// about half the time of the pass on a memory-bound core.
-__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) int64_t mask_apply_chunk_f32_avx512(
-    const float* s, const float* w, int64_t n, uint32_t T, uint8_t* m, float* weff) {
+// AVX-512 mask_apply_chunk for float32. W_eff and W * sign(S) go out with non-temporal stores
+// when 64-byte aligned (the GEMM and the backward read them later, once; a regular store would
+// first read every line): about half the time of the pass on a memory-bound core. w * (+-1) is
+// w with the sign bit of s xor-ed in (exact, as the multiplication).
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) int64_t
+mask_apply_chunk_f32_avx512(const float* s, const float* w, int64_t n, uint32_t T, uint8_t* m,
+                            float* weff, float* wsign) {
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i signbit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512 fone = _mm512_set1_ps(1.0f);
+  const __m512 fnan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(T));
-  const bool stream = (reinterpret_cast<uintptr_t>(weff) & 63) == 0;
+  const bool stream = ((reinterpret_cast<uintptr_t>(weff) | reinterpret_cast<uintptr_t>(wsign)) &
+                       63) == 0;
   int64_t eq = 0, i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512i b = _mm512_and_si512(_mm512_loadu_si512(s + i), absmask);
+    _mm_prefetch(reinterpret_cast<const char*>(s + i + kPrefetchAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + i + kPrefetchAhead), _MM_HINT_T0);
+    const __m512i raw = _mm512_loadu_si512(s + i);
+    const __m512i b = _mm512_and_si512(raw, absmask);
     const __m512i key = _mm512_maskz_add_epi32(_mm512_cmple_epu32_mask(b, inf), b, one);
     const __mmask16 keep = _mm512_cmpge_epu32_mask(key, vt);
     eq += __builtin_popcount(static_cast<unsigned>(_mm512_cmpeq_epi32_mask(key, vt)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(m + i), _mm_maskz_set1_epi8(keep, 1));
+    const __m512 vw = _mm512_loadu_ps(w + i);
     // w * 1.0f or w * 0.0f: the reference's product, bit for bit
-    const __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_maskz_mov_ps(keep, fone));
-    if (stream) {
+    const __m512 prod = _mm512_mul_ps(vw, _mm512_maskz_mov_ps(keep, fone));
+    // sign(s) != 0 <=> key > 1 (key 1: s = +-0, key 0: NaN)
+    const __mmask16 nonzero = _mm512_cmpgt_epu32_mask(key, one);
+    const __m512 flipped = _mm512_castsi512_ps(
+        _mm512_xor_si512(_mm512_castps_si512(vw), _mm512_and_si512(raw, signbit)));
+    const __m512 ws = _mm512_mask_mov_ps(fnan, nonzero, flipped);
+    if (stream) {  // measured: streaming both beats regular stores for either
       _mm512_stream_ps(weff + i, prod);
+      _mm512_stream_ps(wsign + i, ws);
     } else {
       _mm512_storeu_ps(weff + i, prod);
+      _mm512_storeu_ps(wsign + i, ws);
     }
   }
   if (stream) _mm_sfence();
-  return eq + mask_apply_chunk<float>(s + i, w + i, n - i, T, m + i, weff + i);
+  return eq + mask_apply_chunk<float>(s + i, w + i, n - i, T, m + i, weff + i, wsign + i);
 }
 #endif
 
 template <typename scalar_t>
 void mask_apply(const scalar_t* s, const scalar_t* w, int64_t n, int64_t keep, uint8_t* m,
-                scalar_t* weff) {
+                scalar_t* weff, scalar_t* wsign) {
   using K = KeyOf<scalar_t>;
   using Key = typename K::Key;
   using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  if (keep <= 0 || keep >= n) {  // nothing / everything kept: no selection
-    const uint8_t all = keep > 0 ? 1 : 0;
-    std::fill(m, m + n, all);
-    for (int64_t i = 0; i < n; ++i) {
-      weff[i] = static_cast<scalar_t>(static_cast<A>(w[i]) * static_cast<A>(all));
-    }
-    return;
+  Selection<Key> sel{0, 0};  // key >= 0 for every entry: everything kept
+  if (keep <= 0) {
+    sel = {std::numeric_limits<Key>::max(), 0};  // nothing kept (no key reaches the max)
+  } else if (keep < n) {
+    sel = select_top<scalar_t>(s, n, keep);
   }
-  const auto sel = select_top<scalar_t>(s, n, keep);
   const Key T = sel.threshold;
   const int64_t nthreads = pass_threads(n);
   std::vector<int64_t> ties(nthreads, 0);
@@ -778,13 +802,16 @@ void mask_apply(const scalar_t* s, const scalar_t* w, int64_t n, int64_t keep, u
 #if defined(__x86_64__)
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (active_isa() == Isa::Avx512Vpopcnt) {
-        ties[t] = mask_apply_chunk_f32_avx512(s + i0, w + i0, i1 - i0, T, m + i0, weff + i0);
+        ties[t] = mask_apply_chunk_f32_avx512(s + i0, w + i0, i1 - i0, T, m + i0, weff + i0,
+                                              wsign + i0);
         return;
       }
     }
 #endif
-    ties[t] = mask_apply_chunk<scalar_t>(s + i0, w + i0, i1 - i0, T, m + i0, weff + i0);
+    ties[t] = mask_apply_chunk<scalar_t>(s + i0, w + i0, i1 - i0, T, m + i0, weff + i0,
+                                         wsign + i0);
   });
+  if (keep <= 0 || keep >= n) return;  // no ties to settle
   // ties beyond the kept count: cleared in flat order, as write_mask
   int64_t before = 0;
   std::vector<int64_t> allowed(nthreads, 0);
@@ -815,14 +842,18 @@ void mask_apply(const scalar_t* s, const scalar_t* w, int64_t n, int64_t keep, u
 }  // namespace
 
 void topk_mask_apply_into(const at::Tensor& scores, double k, const at::Tensor& weight,
-                          at::Tensor& mask, at::Tensor& weff) {
+                          at::Tensor& mask, at::Tensor& weff, at::Tensor& wsign) {
   check_scores(scores, k, "masked_linear_select");
   TORCH_CHECK(weight.scalar_type() == scores.scalar_type() && weight.is_contiguous() &&
                   weight.numel() == scores.numel(),
               "topk_mask_apply_into: weight must be contiguous, of scores' dtype and numel");
+  for (const at::Tensor* t : {&weff, &wsign}) {
+    TORCH_CHECK(t->scalar_type() == weight.scalar_type() && t->is_contiguous() &&
+                    t->numel() == scores.numel(),
+                "topk_mask_apply_into: bad output tensors");
+  }
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() &&
-                  weff.scalar_type() == weight.scalar_type() && weff.is_contiguous() &&
-                  mask.numel() == scores.numel() && weff.numel() == scores.numel(),
+                  mask.numel() == scores.numel(),
               "topk_mask_apply_into: bad output tensors");
   const at::Tensor x = scores.contiguous();
   const int64_t n = x.numel();
@@ -831,7 +862,7 @@ void topk_mask_apply_into(const at::Tensor& scores, double k, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_apply", [&] {
     mask_apply<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), n,
                          keep, reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()),
-                         weff.data_ptr<scalar_t>());
+                         weff.data_ptr<scalar_t>(), wsign.data_ptr<scalar_t>());
   });
 }
 

@@ -23,11 +23,13 @@ int64_t pass_threads(int64_t n);
 // NaN lowest.
 void topk_mask_bool_into(const at::Tensor& scores, double k, at::Tensor& out);
 
-// Selection fused with the masked layers' effective weight: mask as topk_mask_bool_into and
-// weff = weight * mask (a multiplication, as the reference's `weight * mask`), both contiguous
-// with weight's numel; weight (contiguous) has the dtype of scores. float32 writes both in one
-// pass over scores and weight after the selection.
+// Selection fused with the masked layers' effective weight: mask as topk_mask_bool_into,
+// weff = weight * mask (a multiplication, as the reference's `weight * mask`) and
+// wsign = weight * sign(scores) where scores are nonzero numbers, NaN where a score is +-0 or NaN
+// (sign 0: the backward then forms (G * W) * sign(S) from weight and scores), all contiguous with
+// weight's numel; weight (contiguous) has the dtype of scores. One threaded pass over scores and
+// weight after the selection (AVX-512 for float32).
 void topk_mask_apply_into(const at::Tensor& scores, double k, const at::Tensor& weight,
-                          at::Tensor& mask, at::Tensor& weff);
+                          at::Tensor& mask, at::Tensor& weff, at::Tensor& wsign);
 
 }  // namespace subkern::cpu

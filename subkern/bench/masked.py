@@ -10,8 +10,9 @@ Implementations:
 
 * ``subkern[<backend>] select+fwd+bwd``: ``masked_linear`` forward + backward, exactly what a
   ``subkern.nn.SubnetLinear`` training step runs (on CPU the fused ``masked_linear_select`` op:
-  selection, then mask and ``W * M`` in one pass, then the GEMM; on CUDA ``select_mask`` + the
-  Triton mask-form op); also timed with the mask given
+  selection, then mask, ``W * M`` and ``W * sign(S)`` in one pass, then the GEMM; its backward
+  ``masked_linear_select_backward`` reuses ``W * M`` and ``W * sign(S)``; on CUDA
+  ``select_mask`` + the Triton mask-form op); also timed with the mask given
   (``masked_linear_with_mask``, selection excluded) and the selection alone (``select_mask``);
 * ``reference``: ``W * GetSubnet(|S|, k)`` with a full sort per call, ``F.linear``, autograd;
 * ``dense F.linear``: the dense layer (cuBLAS / MKL).

@@ -23,6 +23,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "topk_mask_batched": topk_mask.SUPPORTED_BACKENDS,
     "topk_mask_bool": topk_mask.SUPPORTED_BACKENDS,
     "masked_linear_select": ("reference", "cpp"),
+    "masked_linear_select_backward": ("reference", "cpp"),
     "masked_linear_with_mask": masked.SUPPORTED_BACKENDS,
     "masked_linear_backward": masked.SUPPORTED_BACKENDS,
     "masked_conv2d_with_mask": masked.CONV_BACKENDS,

@@ -28,12 +28,20 @@ Ops (schemas in the ``subkern`` library):
   call the BLAS GEMM, and derive both weight-side gradients in one pass over ``G``; the Triton
   kernels (``kernels/masked_matmul.py``, the CUDA path) apply the mask to the weight tiles in
   registers, so ``W * M`` never reaches global memory;
-* ``masked_linear_select(x, weight, scores, k, bias) -> (y, mask)``: the CPU training step's
-  forward (what :func:`masked_linear` runs on the ``cpp`` backend). One kernel selects the
-  threshold (:mod:`subkern.ops.topk_mask`'s sample-bracket select) and then, in a single pass
-  over ``S`` and ``W``, writes the bool mask and ``W_eff = W * M`` (no float mask, no second pass
-  over the mask; ``W_eff`` into the reused buffer), then the GEMM. The mask (non-differentiable
-  output) is what the backward, ``masked_linear_backward``, needs;
+* ``masked_linear_select(x, weight, scores, k, bias) -> (y, mask, w_eff, w_sign)``: the CPU
+  training step's forward (what :func:`masked_linear` runs on the ``cpp`` backend). One kernel
+  selects the threshold (:mod:`subkern.ops.topk_mask`'s sample-bracket select) and then, in a
+  single pass over ``S`` and ``W``, writes the bool mask, ``W_eff = W * M`` and
+  ``w_sign = W * sign(S)`` (NaN where ``S`` is +-0 or NaN, i.e. where ``sign(S) = 0``), then the
+  GEMM. The last three outputs are not differentiable; autograd keeps ``w_eff`` and ``w_sign``
+  for the backward ``masked_linear_select_backward(grad_y, x, weight, scores, mask, w_eff, w_sign,
+  output_mask)``, which needs neither a second pass over ``W`` and ``M`` (``grad_x = grad_y @
+  W_eff``) nor one over ``W`` and ``S``: ``grad_scores = G * w_sign``. That equals the reference's
+  ``(G * W) * sign(S)`` bit for bit where ``sign(S) = +-1`` (a sign flip is exact and rounding is
+  symmetric); where ``w_sign`` is NaN the kernel forms ``(G * W) * sign(S)`` from ``W`` and ``S``
+  (so also ``sign(S) = 0`` with an overflowing ``G * W`` gives the reference's NaN). The C++
+  kernel returns these buffers (and ``G`` / ``grad_x``) from a small pool of allocations that are
+  handed out again once nothing refers to them, so a step faults in no fresh pages;
 * ``masked_conv2d_with_mask(...)``: ``conv2d`` on ``W * M`` with torch's convolution backward and
   the fused ``masked_weight_grads`` epilogue.
 """
@@ -72,7 +80,10 @@ LIB.define("masked_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tenso
 LIB.define("masked_weight_grads(Tensor grad_weff, Tensor weight, Tensor scores, Tensor mask, "
            "bool need_weight) -> (Tensor, Tensor)")
 LIB.define("masked_linear_select(Tensor x, Tensor weight, Tensor scores, float k, Tensor? bias) "
-           "-> (Tensor, Tensor)")
+           "-> (Tensor, Tensor, Tensor, Tensor)")
+LIB.define("masked_linear_select_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor scores, "
+           "Tensor mask, Tensor w_eff, Tensor w_sign, bool[3] output_mask) "
+           "-> (Tensor, Tensor, Tensor)")
 LIB.define("masked_conv2d(Tensor x, Tensor weight, Tensor scores, float k, Tensor? bias, "
            "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor")
 LIB.define("masked_conv2d_with_mask(Tensor x, Tensor weight, Tensor scores, Tensor mask, "
@@ -172,9 +183,26 @@ def _ref_linear_backward(grad_y, x, weight, scores, mask, output_mask):
     return grad_x, grad_scores, grad_weight
 
 
+def _signed_weight(weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``W * sign(S)`` where ``S`` is a nonzero number, NaN where ``S`` is +-0 or NaN."""
+    sign = torch.sign(scores)
+    nan = torch.full((), float("nan"), dtype=weight.dtype, device=weight.device)
+    return torch.where(sign != 0, weight * sign, nan)
+
+
 def _ref_linear_select(x, weight, scores, k, bias):
     mask = torch.ops.subkern.topk_mask_bool(scores.detach(), k)
-    return F.linear(x, _effective_weight(weight, mask), bias), mask
+    w_eff = _effective_weight(weight, mask)
+    return F.linear(x, w_eff, bias), mask, w_eff, _signed_weight(weight, scores)
+
+
+def _ref_select_backward(grad_y, x, weight, scores, mask, w_eff, w_sign, output_mask):
+    # the ground truth from weight and scores (w_sign only lets the C++ kernel skip reading them)
+    need_x = output_mask[0]
+    grad_x = grad_y @ w_eff if need_x else x.new_empty(_EMPTY_SHAPE)
+    _, grad_scores, grad_weight = _ref_linear_backward(grad_y, x, weight, scores, mask,
+                                                       [False, *output_mask[1:]])
+    return grad_x, grad_scores, grad_weight
 
 
 def _ref_conv_with_mask(x, weight, scores, mask, bias, stride, padding, dilation, groups):
@@ -197,6 +225,7 @@ LIB.impl("masked_linear_with_mask", _ref_linear_with_mask, "CompositeExplicitAut
 LIB.impl("masked_linear_backward", _ref_linear_backward, "CompositeExplicitAutograd")
 LIB.impl("masked_weight_grads", _ref_weight_grads, "CompositeExplicitAutograd")
 LIB.impl("masked_linear_select", _ref_linear_select, "CompositeExplicitAutograd")
+LIB.impl("masked_linear_select_backward", _ref_select_backward, "CompositeExplicitAutograd")
 LIB.impl("masked_conv2d_with_mask", _ref_conv_with_mask, "CompositeExplicitAutograd")
 
 
@@ -224,7 +253,13 @@ def _linear_select_fake(x, weight, scores, k, bias):
     torch._check(weight.dim() == 2, lambda: "weight must be 2-D [out_features, in_features]")
     torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dim must be in_features")
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
-            weight.new_empty(weight.shape, dtype=torch.bool))
+            weight.new_empty(weight.shape, dtype=torch.bool),
+            weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+
+
+@torch.library.register_fake(qualname("masked_linear_select_backward"))
+def _select_backward_fake(grad_y, x, weight, scores, mask, w_eff, w_sign, output_mask):
+    return _linear_backward_fake(grad_y, x, weight, scores, mask, output_mask)
 
 
 @torch.library.register_fake(qualname("masked_weight_grads"))
@@ -269,22 +304,22 @@ torch.library.register_autograd(qualname("masked_linear_with_mask"), _linear_bac
 
 def _select_setup_context(ctx, inputs, output) -> None:
     x, weight, scores, k, bias = inputs
-    _, mask = output
-    ctx.save_for_backward(x, weight, scores, mask)
-    ctx.mark_non_differentiable(mask)
+    _, mask, w_eff, w_sign = output
+    ctx.save_for_backward(x, weight, scores, mask, w_eff, w_sign)
+    ctx.mark_non_differentiable(mask, w_eff, w_sign)
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
 
 
-def _select_backward(ctx, grad_y, grad_mask):
-    x, weight, scores, mask = ctx.saved_tensors
+def _select_backward(ctx, grad_y, grad_mask, grad_w_eff, grad_w_sign):
+    x, weight, scores, mask, w_eff, w_sign = ctx.saved_tensors
     need_x, need_w, need_s, _, need_b = ctx.needs_input_grad
     if grad_y is None:
         return None, None, None, None, None
     grad_x = grad_scores = grad_weight = grad_bias = None
     if need_x or need_w or need_s:
-        gx, gs, gw = torch.ops.subkern.masked_linear_backward(
-            grad_y, x, weight, scores, mask, [need_x, need_s, need_w])
+        gx, gs, gw = torch.ops.subkern.masked_linear_select_backward(
+            grad_y, x, weight, scores, mask, w_eff, w_sign, [need_x, need_s, need_w])
         grad_x = gx if need_x else None
         grad_scores = gs if need_s else None
         grad_weight = gw if need_w else None
