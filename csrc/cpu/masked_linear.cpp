@@ -49,6 +49,7 @@
 #include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
+#include "cpu/common.h"
 #include "cpu/cpu_features.h"
 
 #if defined(__x86_64__)
@@ -361,13 +362,6 @@ void weight_grads(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s,
   weight_grads_iter<T>(g, w, s, m, gs, gw, weff);
 }
 
-// t [..., last] as a 2-D [rows, last] view/copy (well defined when last == 0, unlike reshape(-1)).
-at::Tensor flatten_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return t.reshape({rows, t.size(-1)});
-}
-
 void check_common(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& mask) {
   TORCH_CHECK(weight.device().is_cpu(), "subkern masked ops (CPU kernel): weight must be on CPU");
   TORCH_CHECK(scores.sizes() == weight.sizes(), "scores must have the shape of weight");
@@ -463,19 +457,7 @@ at::Tensor masked_linear_with_mask_cpu(const at::Tensor& x, const at::Tensor& we
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1),
               "x's last dimension must be in_features");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x must have weight's dtype");
-  const int64_t out_features = weight.size(0);
-  const at::Tensor w_eff = effective_weight(weight, mask);
-  const at::Tensor x2 = flatten_rows(x);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  at::Tensor y;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [out_features]");
-    y = at::addmm(*bias, x2, w_eff.t());
-  } else {
-    y = at::mm(x2, w_eff.t());
-  }
-  return y.view(out_shape);
+  return dense_linear_rows(x, effective_weight(weight, mask), bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_weight_grads_cpu(const at::Tensor& grad_weff,
@@ -552,18 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_select_
   at::Tensor w_eff = pooled_empty(w.sizes(), w.options());
   at::Tensor w_sign = pooled_empty(w.sizes(), w.options());
   topk_mask_apply_into(scores, k, w, mask, w_eff, w_sign);
-  const int64_t out_features = w.size(0);
-  const at::Tensor x2 = flatten_rows(x);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  at::Tensor y;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [out_features]");
-    y = at::addmm(*bias, x2, w_eff.t());
-  } else {
-    y = at::mm(x2, w_eff.t());
-  }
-  return {y.view(out_shape), mask, w_eff, w_sign};
+  return {dense_linear_rows(x, w_eff, bias), mask, w_eff, w_sign};
 }
 
 // Backward of masked_linear_select from what its forward kept:

@@ -59,6 +59,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/common.h"
 #include "cpu/cpu_features.h"
 #include "cpu/topk_select.h"
 
@@ -250,16 +251,6 @@ inline int popcount64(uint64_t v) {
 #else
   int n = 0;
   while (v) { v &= v - 1; ++n; }
-  return n;
-#endif
-}
-
-inline int ctz64(uint64_t v) {
-#if defined(__GNUC__) || defined(__clang__)
-  return __builtin_ctzll(v);
-#else
-  int n = 0;
-  while (!(v & 1)) { v >>= 1; ++n; }
   return n;
 #endif
 }

@@ -243,6 +243,40 @@ def time_fn(fn: Callable[[], Any], device: str, *, warmup: int, reps: int) -> li
     return time_cpu(fn, warmup=warmup, reps=reps)
 
 
+def time_round_robin(impls: dict[str, tuple[str, Callable[[], Any], int]], device: str,
+                     warmup: int) -> dict[str, list[float]]:
+    """Times of every implementation (``key -> (label, fn, reps)``); on CPU interleaved
+    round-robin (one call of each per round), so that load from other processes, which comes and
+    goes, hits every implementation alike; on CUDA :func:`time_fn` one after the other."""
+    if device == "cuda":
+        return {key: time_fn(fn, device, warmup=warmup, reps=n)
+                for key, (_, fn, n) in impls.items()}
+    for _, fn, _ in impls.values():
+        for _ in range(max(1, warmup)):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in impls}
+    for rnd in range(max(n for _, _, n in impls.values())):
+        for key, (_, fn, n) in impls.items():
+            if rnd < n:
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
+def time_with_result(name: str, fn: Callable[[], Any], device: str, warmup: int, reps: int,
+                     items: int) -> tuple[Measurement, Any]:
+    """:func:`time_fn` of ``fn`` as a :class:`Measurement` named ``name``, with the result of
+    its last call (for the correctness check)."""
+    box: list[Any] = []
+
+    def call() -> None:
+        box[:] = [fn()]
+
+    times = time_fn(call, device, warmup=warmup, reps=reps)
+    return Measurement(name, items, times), box[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # memory
 # ----------------------------------------------------------------------------------------------
@@ -553,5 +587,7 @@ __all__ = [
     "time_cpu",
     "time_cuda",
     "time_fn",
+    "time_round_robin",
+    "time_with_result",
     "write_json",
 ]

@@ -28,7 +28,6 @@ the same layers with 2048 and 8192 tokens in float16 and bfloat16.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..ops import masked as mk
 from . import environment
-from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn
+from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn, time_round_robin
 
 FAMILY = "masked_linear"
 DESCRIPTION = ("masked_linear fwd+bwd (edge-popup W*topk(|S|)) vs sort-based reference and dense "
@@ -159,26 +158,6 @@ def _measure(name: str, fn: Callable[[], Any], items: int, device: str, warmup: 
     return Measurement(name, items, time_fn(fn, device, warmup=warmup, reps=reps), note=note)
 
 
-def _time_all(impls: dict[str, tuple[str, Callable[[], Any], int]], device: str, warmup: int
-              ) -> dict[str, list[float]]:
-    """Times of every implementation; on CPU interleaved round-robin (one call of each per round),
-    so that load from other processes, which comes and goes, hits every implementation alike."""
-    if device == "cuda":
-        return {key: time_fn(fn, device, warmup=warmup, reps=n)
-                for key, (_, fn, n) in impls.items()}
-    for _, fn, _ in impls.values():
-        for _ in range(max(1, warmup)):
-            fn()
-    times: dict[str, list[float]] = {key: [] for key in impls}
-    for rnd in range(max(n for _, _, n in impls.values())):
-        for key, (_, fn, n) in impls.items():
-            if rnd < n:
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    return times
-
-
 def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f: int, in_f: int,
               tokens: int, dtype: torch.dtype, backend: str) -> None:
     device = config.device
@@ -204,7 +183,7 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
         "ref": ("reference (sort+mul+F.linear+autograd)", reference, size.slow_reps),
         "dense": ("dense F.linear fwd+bwd", dense, reps),
     }
-    timed = _time_all(impls, device, size.warmup)
+    timed = time_round_robin(impls, device, size.warmup)
     m_total, m_kernel, m_select, m_ref, m_dense = (
         Measurement(impls[key][0], tokens, timed[key]) for key in impls)
     for m in (m_total, m_kernel, m_select, m_ref, m_dense):

@@ -27,7 +27,6 @@ not depend on the sparsity).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..ops import soft_threshold as st
 from . import environment
-from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn
+from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn, time_round_robin
 
 FAMILY = "soft_threshold"
 DESCRIPTION = ("STR soft-threshold linear/conv2d training step (fwd+bwd) vs autograd reference "
@@ -186,26 +185,6 @@ def check_match(ours: tuple, ref: tuple, dtype: torch.dtype) -> tuple[bool, str]
     return (not problems, "; ".join(problems) if problems else "ok")
 
 
-def _time_all(impls: dict[str, tuple[str, Callable[[], Any], int]], device: str, warmup: int
-              ) -> dict[str, list[float]]:
-    """Times of every implementation; on CPU interleaved round-robin (one call of each per round),
-    so that load from other processes, which comes and goes, hits every implementation alike."""
-    if device == "cuda":
-        return {key: time_fn(fn, device, warmup=warmup, reps=n)
-                for key, (_, fn, n) in impls.items()}
-    for _, fn, _ in impls.values():
-        for _ in range(max(1, warmup)):
-            fn()
-    times: dict[str, list[float]] = {key: [] for key in impls}
-    for rnd in range(max(n for _, _, n in impls.values())):
-        for key, (_, fn, n) in impls.items():
-            if rnd < n:
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    return times
-
-
 def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
               params: dict[str, Any], items: int, data: dict[str, Any],
               fns: dict[str, Callable[..., torch.Tensor]], dtype: torch.dtype, backend: str,
@@ -224,7 +203,7 @@ def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
         "ref": ("reference (torch ops + autograd) fwd+bwd", reference, size.slow_reps),
         "dense": (f"dense {dense_name} fwd+bwd", dense, reps),
     }
-    timed = _time_all(impls, device, size.warmup)
+    timed = time_round_robin(impls, device, size.warmup)
     m_ours, m_ref, m_dense = (Measurement(impls[key][0], items, timed[key]) for key in impls)
     for m in (m_ours, m_ref, m_dense):
         data_json = m.to_json()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..ops.sparse_linear import bitmap_linear, csr_linear, pack_bitmap, pack_csr
 from . import environment
-from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn
+from .harness import BenchConfig, BenchResult, Measurement, compare, time_with_result
 
 FAMILY = "sparse_linear"
 DESCRIPTION = ("sparse_linear: CSR / bitmap sparse weights x dense activations vs dense "
@@ -96,17 +96,6 @@ def format_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _time(name: str, fn: Callable[[], torch.Tensor], device: str, warmup: int, reps: int,
-          items: int) -> tuple[Measurement, torch.Tensor]:
-    box: list[torch.Tensor] = []
-
-    def call() -> None:
-        box[:] = [fn()]
-
-    times = time_fn(call, device, warmup=warmup, reps=reps)
-    return Measurement(name, items, times), box[0]
-
-
 def _ours_csr(backend: str, x: torch.Tensor, p: dict[str, torch.Tensor], inp: int
               ) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
@@ -132,7 +121,7 @@ def _torch_csr(w_csr: torch.Tensor, x: torch.Tensor, device: str, reps: int
     for label, fn in (("torch.sparse.mm", lambda: torch.sparse.mm(w_csr, x.t()).t()),
                       ("F.linear(csr)", lambda: F.linear(x, w_csr))):
         try:
-            m, _ = _time(f"torch.sparse CSR [{label}]", fn, device, 1, reps, x.shape[0])
+            m, _ = time_with_result(f"torch.sparse CSR [{label}]", fn, device, 1, reps, x.shape[0])
         except (RuntimeError, NotImplementedError):
             continue
         if best is None or m.best_s < best[0].best_s:
@@ -209,11 +198,13 @@ def run(config: BenchConfig) -> BenchResult:
                                           "bytes_bitmap_fp32": format_bytes(bitmap),
                                           "bytes_dense_fp32": out * inp * 4}
                 try:
-                    dense32, y32 = _time("F.linear fp32", partial(F.linear, x, w_dev), device,
-                                         size.warmup, reps, batch)
+                    dense32, y32 = time_with_result(
+                        "F.linear fp32", partial(F.linear, x, w_dev), device, size.warmup, reps,
+                        batch)
                     xb = x.to(torch.bfloat16)
-                    dense16, _ = _time("F.linear bf16", partial(F.linear, xb, w_bf16), device,
-                                       size.warmup, reps, batch)
+                    dense16, _ = time_with_result(
+                        "F.linear bf16", partial(F.linear, xb, w_bf16), device, size.warmup, reps,
+                        batch)
                 except Exception as err:  # noqa: BLE001 - recorded
                     result.errors.append({"what": f"dense {case}", "error": repr(err)})
                     continue
@@ -233,14 +224,15 @@ def run(config: BenchConfig) -> BenchResult:
                     timed: dict[str, Measurement] = {}
                     try:
                         for label, p in fmt.items():
-                            m, y = _time(f"subkern[{name}] {label}", _ours_csr(name, x, p, inp),
-                                         device, size.warmup, reps, batch)
+                            m, y = time_with_result(
+                                f"subkern[{name}] {label}", _ours_csr(name, x, p, inp), device,
+                                size.warmup, reps, batch)
                             timed[label] = m
                             _record(result, m, case)
                             if label == "csr fp32":
                                 y_ours = y
                         if batch <= 16:
-                            m, _ = _time(f"subkern[{name}] bitmap fp32",
+                            m, _ = time_with_result(f"subkern[{name}] bitmap fp32",
                                          _ours_bitmap(name, x, bitmap, inp), device,
                                          size.warmup, reps, batch)
                             timed["bitmap fp32"] = m

@@ -37,7 +37,7 @@ from .. import backend as _backend
 from ..nn.supermask import SupermaskLinear
 from ..ops.ternary import pack_ternary, ternary_linear
 from . import environment
-from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn
+from .harness import BenchConfig, BenchResult, compare, time_with_result
 
 FAMILY = "ternary"
 DESCRIPTION = ("ternary_linear: bit-packed {-c, 0, +c} layers (supermask inference) vs dense "
@@ -78,17 +78,6 @@ def make_layer(out: int, inp: int, device: str = "cpu", seed: int = 0
     weight = sign * keep
     mb, sb, scale = pack_ternary(weight)
     return weight.to(device), mb.to(device), sb.to(device), scale
-
-
-def _time(name: str, fn: Callable[[], torch.Tensor], device: str, warmup: int, reps: int,
-          items: int) -> tuple[Measurement, torch.Tensor]:
-    box: list[torch.Tensor] = []
-
-    def call() -> None:
-        box[:] = [fn()]
-
-    times = time_fn(call, device, warmup=warmup, reps=reps)
-    return Measurement(name, items, times), box[0]
 
 
 def _ours(backend: str, x: torch.Tensor, mb: torch.Tensor, sb: torch.Tensor, c: float,
@@ -168,10 +157,12 @@ def run(config: BenchConfig) -> BenchResult:
             x = torch.randn(batch, inp, generator=torch.Generator().manual_seed(batch)).to(device)
             x_bf16 = x.to(torch.bfloat16)
             try:
-                dense32, y32 = _time("F.linear fp32", partial(F.linear, x, weight), device,
-                                     size.warmup, reps, batch)
-                dense16, _ = _time("F.linear bf16", partial(F.linear, x_bf16, weight_bf16),
-                                   device, size.warmup, reps, batch)
+                dense32, y32 = time_with_result(
+                    "F.linear fp32", partial(F.linear, x, weight), device, size.warmup, reps,
+                    batch)
+                dense16, _ = time_with_result(
+                    "F.linear bf16", partial(F.linear, x_bf16, weight_bf16), device, size.warmup,
+                    reps, batch)
             except Exception as err:  # noqa: BLE001 - recorded
                 result.errors.append({"what": f"dense {case}", "error": repr(err)})
                 continue
@@ -182,18 +173,19 @@ def run(config: BenchConfig) -> BenchResult:
             for name in ours_backends:
                 try:
                     if layer is not None:   # CPU: the layer (prepacked path where it applies)
-                        bitmask, _ = _time(f"subkern[{name}] bitmask",
+                        bitmask, _ = time_with_result(f"subkern[{name}] bitmask",
                                            _ours(name, x, mb, sb, c, inp), device, size.warmup,
                                            reps, batch)
                         data = bitmask.to_json()
                         data["case"] = case
                         result.measurements.append(data)
-                        ours, y = _time(f"subkern[{name}] SupermaskLinear",
+                        ours, y = time_with_result(f"subkern[{name}] SupermaskLinear",
                                         _layer_forward(layer, x), device, size.warmup, reps,
                                         batch)
                     else:
-                        ours, y = _time(f"subkern[{name}]", _ours(name, x, mb, sb, c, inp),
-                                        device, size.warmup, reps, batch)
+                        ours, y = time_with_result(
+                            f"subkern[{name}]", _ours(name, x, mb, sb, c, inp), device,
+                            size.warmup, reps, batch)
                 except Exception as err:  # noqa: BLE001
                     result.errors.append({"what": f"{name} {case}", "error": repr(err)})
                     continue
