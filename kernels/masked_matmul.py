@@ -28,31 +28,13 @@ bfloat16 needs a GPU (the interpreter has no bfloat16).
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._matmul_common import INTERPRET, grouped_tile, matmul_configs, precision_for, rows_2d
+
 __all__ = ["masked_linear_forward", "masked_linear_backward", "masked_matmul"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4),
-        (32, 64, 64, 5, 2), (64, 32, 32, 5, 2),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=stages, num_warps=warps)
-            for bm, bn, bk, stages, warps in shapes]
-
 
 @triton.jit
 def _mac_step(acc, a_ptr, b_ptr, m_ptr, offs_m, offs_n, offs_k, in_m, in_n, k0, R,
@@ -73,7 +55,7 @@ def _mac_step(acc, a_ptr, b_ptr, m_ptr, offs_m, offs_n, offs_k, in_m, in_n, k0, 
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-@triton.autotune(configs=_configs(), key=["P", "Q", "R", "MASK_B", "EPILOGUE", "WITH_GW"],
+@triton.autotune(configs=matmul_configs(), key=["P", "Q", "R", "MASK_B", "EPILOGUE", "WITH_GW"],
                  reset_to_zero=None)
 @triton.jit
 def _masked_matmul_kernel(
@@ -85,15 +67,7 @@ def _masked_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped ordering of the output tiles (tutorial): GROUP_M tile rows share B tiles in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(P, BLOCK_M)
-    num_pid_n = tl.cdiv(Q, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), P, Q, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -134,19 +108,6 @@ def _masked_matmul_kernel(
             tl.store(gw_ptr + c_off, g * keep.to(g.dtype), mask=out_mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t [..., last]`` as 2-D ``[rows, last]`` (also when ``last == 0``)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float64:
-        return "ieee"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def masked_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
                   mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                   grads_of: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -185,8 +146,8 @@ def masked_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), mask_u8.stride(0), mask_u8.stride(1),
         out.stride(0), out.stride(1),
         MASK_B=mask is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        WITH_GW=grad_weight is not None, PRECISION=_precision(a.dtype),
-        ACC_F64=a.dtype == torch.float64, INTERPRET=_INTERPRET,
+        WITH_GW=grad_weight is not None, PRECISION=precision_for(a.dtype),
+        ACC_F64=a.dtype == torch.float64, INTERPRET=INTERPRET,
     )
     return out
 
@@ -195,7 +156,7 @@ def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (W * M)^T + b`` for ``x [..., in]``, ``W``/``M`` ``[out, in]`` (mask bool)."""
     out_features, in_features = weight.shape
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     y = torch.empty((x2.shape[0], out_features), dtype=x.dtype, device=x.device)
     masked_matmul(x2, weight.t(), y, mask=mask.t(), bias=bias)
     return y.view(*x.shape[:-1], out_features)
@@ -212,8 +173,8 @@ def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.
     """
     need_x, need_s, need_w = output_mask
     out_features, in_features = weight.shape
-    g2 = _rows(grad_y)
-    x2 = _rows(x)
+    g2 = rows_2d(grad_y)
+    x2 = rows_2d(x)
     empty = weight.new_empty((0,))
     grad_x = grad_scores = grad_weight = empty
     if need_x:

@@ -36,34 +36,16 @@ needs a GPU (the interpreter has no bfloat16).
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._matmul_common import INTERPRET, grouped_tile, matmul_configs, precision_for, rows_2d
+
 __all__ = ["soft_threshold_linear_forward", "soft_threshold_linear_backward",
            "soft_threshold_matmul", "soft_threshold_forward", "soft_threshold_grads"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4),
-        (32, 64, 64, 5, 2), (64, 32, 32, 5, 2),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=stages, num_warps=warps)
-            for bm, bn, bk, stages, warps in shapes]
-
-
-_CONFIGS = _configs()
+_CONFIGS = matmul_configs()
 #: slots of the partial-sum buffer are per BLOCK_N columns of the smallest configuration
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
 
@@ -111,15 +93,7 @@ def _soft_threshold_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped ordering of the output tiles (tutorial): GROUP_M tile rows share B tiles in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(P, BLOCK_M)
-    num_pid_n = tl.cdiv(Q, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), P, Q, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -204,7 +178,7 @@ def _soft_threshold_grads_kernel(g_ptr, w_ptr, t_ptr, gw_ptr, part_ptr, rows, co
         tl.store(part_ptr + cb * rows + r, tl.sum(tl.where(keep, signed, 0.0), axis=0))
 
 
-_ELEMENTWISE_BLOCK = 256 if _INTERPRET else 1024
+_ELEMENTWISE_BLOCK = 256 if INTERPRET else 1024
 
 
 def soft_threshold_forward(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -246,19 +220,6 @@ def soft_threshold_grads(grad_weff: torch.Tensor, weight: torch.Tensor, s: torch
     total = per_row.sum() if s.numel() == 1 else per_row
     grad_s = (-total * (thr * (1 - thr))).to(s.dtype).reshape(s.shape)
     return gw, grad_s
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t [..., last]`` as 2-D ``[rows, last]`` (also when ``last == 0``)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float64:
-        return "ieee"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -306,8 +267,8 @@ def soft_threshold_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *
         out.stride(0), out.stride(1),
         THRESH_B=thresh_b, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         WITH_GW=epilogue == 1 and with_grad_weight, WITH_S=partial is not None,
-        MIN_BLOCK_N=_MIN_BLOCK_N, PRECISION=_precision(a.dtype),
-        ACC_F64=a.dtype == torch.float64, INTERPRET=_INTERPRET,
+        MIN_BLOCK_N=_MIN_BLOCK_N, PRECISION=precision_for(a.dtype),
+        ACC_F64=a.dtype == torch.float64, INTERPRET=INTERPRET,
     )
     return out
 
@@ -321,7 +282,7 @@ def soft_threshold_linear_forward(x: torch.Tensor, weight: torch.Tensor,
     float64 weights), one element or ``out``.
     """
     out_features = weight.shape[0]
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     y = torch.empty((x2.shape[0], out_features), dtype=x.dtype, device=x.device)
     soft_threshold_matmul(x2, weight.t(), y, thresholds=thresholds.contiguous(), thresh_axis=1,
                           bias=bias)
@@ -341,8 +302,8 @@ def soft_threshold_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight
     acc = _compute_dtype(weight.dtype)
     per_layer = s.numel() == 1
     thr = torch.sigmoid(s.to(acc)).reshape(-1).contiguous()
-    g2 = _rows(grad_y)
-    x2 = _rows(x)
+    g2 = rows_2d(grad_y)
+    x2 = rows_2d(x)
     grad_x = x.new_empty((0,))
     grad_w = weight.new_empty((0,))
     grad_s = s.new_empty((0,))

@@ -87,6 +87,23 @@ void intraop_tasks(int64_t ntasks, const std::function<void(int64_t)>& fn) {
 
 namespace {
 
+// Ties at the threshold key found by each chunk (in flat order) -> how many of them each chunk
+// may keep so that `kept_ties` are kept in all, the first ones in flat order (exclusive scan:
+// allowed[t] = min(ties[t], max(0, kept_ties - ties before chunk t))). Returns whether some
+// chunk must clear ties it marked.
+bool allowed_ties(const std::vector<int64_t>& ties, int64_t kept_ties,
+                  std::vector<int64_t>& allowed) {
+  allowed.assign(ties.size(), 0);
+  int64_t before = 0;
+  bool fix = false;
+  for (size_t t = 0; t < ties.size(); ++t) {
+    allowed[t] = std::min(ties[t], std::max<int64_t>(0, kept_ties - before));
+    before += ties[t];
+    fix = fix || allowed[t] < ties[t];
+  }
+  return fix;
+}
+
 // Entries per thread below which a pass uses fewer threads.
 constexpr int64_t kMinPerThread = int64_t(1) << 16;
 // Batched op: layers at least this large run one after the other with all threads.
@@ -573,16 +590,8 @@ void write_mask(const scalar_t* x, int64_t n, const Selection<typename KeyOf<sca
 #endif
     ties[t] = mask_chunk<scalar_t, out_t>(x + i0, i1 - i0, T, out + i0);
   });
-  // Exclusive scan: chunk t may keep min(ties[t], max(0, sel.ties - before)) of its ties.
-  int64_t before = 0;
-  std::vector<int64_t> allowed(nthreads, 0);
-  bool fix = false;
-  for (int64_t t = 0; t < nthreads; ++t) {
-    allowed[t] = std::min(ties[t], std::max<int64_t>(0, sel.ties - before));
-    before += ties[t];
-    fix = fix || allowed[t] < ties[t];
-  }
-  if (!fix) return;
+  std::vector<int64_t> allowed;
+  if (!allowed_ties(ties, sel.ties, allowed)) return;
   intraop_tasks(nthreads, [&](int64_t t) {
     if (allowed[t] == ties[t]) return;
     const int64_t i0 = n * t / nthreads, i1 = n * (t + 1) / nthreads;
@@ -813,15 +822,8 @@ void mask_apply(const scalar_t* s, const scalar_t* w, int64_t n, int64_t keep, u
   });
   if (keep <= 0 || keep >= n) return;  // no ties to settle
   // ties beyond the kept count: cleared in flat order, as write_mask
-  int64_t before = 0;
-  std::vector<int64_t> allowed(nthreads, 0);
-  bool fix = false;
-  for (int64_t t = 0; t < nthreads; ++t) {
-    allowed[t] = std::min(ties[t], std::max<int64_t>(0, sel.ties - before));
-    before += ties[t];
-    fix = fix || allowed[t] < ties[t];
-  }
-  if (!fix) return;
+  std::vector<int64_t> allowed;
+  if (!allowed_ties(ties, sel.ties, allowed)) return;
   intraop_tasks(nthreads, [&](int64_t t) {
     if (allowed[t] == ties[t]) return;
     const int64_t i0 = bound(t), i1 = bound(t + 1);
