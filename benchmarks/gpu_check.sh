@@ -7,8 +7,9 @@
 #    (SUBKERN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .), for the local GPU's
 #    architecture unless TORCH_CUDA_ARCH_LIST is set;
 # 2. prints `subkern info`;
-# 3. runs the GPU tests: pytest -m gpu tests/ -x -q, then the Triton tests compiled for the GPU
-#    (pytest tests/ -k triton; SUBKERN_GPU_CHECK_TRITON_TESTS=0 skips them);
+# 3. runs the GPU tests and the Triton tests compiled for the GPU in one pytest run
+#    (pytest tests/ -k "gpu or triton", in parallel with pytest-xdist;
+#    SUBKERN_GPU_CHECK_TRITON_TESTS=0 runs only -m gpu);
 # 4. runs `subkern bench --device cuda` (Triton and CUDA kernels vs the torch reference, roofline);
 # 5. runs `subkern bench --device cpu` (C++ kernel vs FAISS) when faiss is importable.
 #
@@ -104,13 +105,14 @@ write_summary() {
             cat "$OUT/info.txt"
             echo '```'
         fi
-        for tests in pytest_gpu pytest_triton; do
+        for tests in pytest_gpu; do
             if [ -s "$OUT/$tests.txt" ]; then
                 echo
-                echo "## $tests (last lines)"
+                echo "## $tests (failures and result)"
                 echo
                 echo '```'
-                tail -n 25 "$OUT/$tests.txt"
+                grep -E '^(FAILED|ERROR) ' "$OUT/$tests.txt" | head -n 50
+                tail -n 1 "$OUT/$tests.txt"
                 echo '```'
             fi
         done
@@ -188,20 +190,35 @@ fi
 run_step info "$OUT/info.txt" "$PY" -m subkern.cli info || fail "subkern info failed"
 "$PY" -m subkern.cli info --json > "$OUT/info.json" 2>/dev/null || true
 
-# --- 3. GPU tests ----------------------------------------------------------------------------
-run_step "pytest -m gpu" "$OUT/pytest_gpu.txt" "$PY" -m pytest -m gpu tests/ -x -q \
-    -p no:cacheprovider
+# --- 3. GPU tests and the Triton tests compiled for the GPU ----------------------------------
+# One pytest run: the tests marked gpu and, unless SUBKERN_GPU_CHECK_TRITON_TESTS=0, every test
+# with "triton" in its name (on CPU-only CI those run under the Triton interpreter). tests/conftest.py
+# sets SUBKERN_TRITON_AUTOTUNE=0 there: one configuration per autotuned kernel. pytest-xdist (when
+# importable) spreads the tests over SUBKERN_GPU_CHECK_JOBS processes sharing the GPU (default:
+# nproc, at most 16); pytest-timeout (when importable) bounds each test at
+# SUBKERN_GPU_CHECK_TEST_TIMEOUT seconds (default 120). -v names every result as it comes, so a
+# step cut short by its timeout still says which tests failed.
+if [ "${SUBKERN_GPU_CHECK_TRITON_TESTS:-1}" = 1 ]; then
+    SELECT=(-k "gpu or triton")
+else
+    SELECT=(-m gpu)
+fi
+PYTEST_ARGS=(-v -p no:cacheprovider --maxfail=50 -rfE --tb=short --durations=15)
+NPROC=$(nproc 2>/dev/null || echo 1)
+JOBS=${SUBKERN_GPU_CHECK_JOBS:-$(( NPROC < 16 ? NPROC : 16 ))}
+if [ "$JOBS" -gt 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+    PYTEST_ARGS+=(-n "$JOBS")
+fi
+if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
+    PYTEST_ARGS+=(--timeout "${SUBKERN_GPU_CHECK_TEST_TIMEOUT:-120}")
+fi
+run_step "pytest gpu+triton" "$OUT/pytest_gpu.txt" "$PY" -m pytest tests/ "${SELECT[@]}" \
+    "${PYTEST_ARGS[@]}"
 rc=$?
 if [ "$rc" -eq 5 ]; then
-    fail "pytest -m gpu collected no tests"
+    fail "pytest collected no GPU tests"
 elif [ "$rc" -ne 0 ]; then
     fail "GPU tests failed (exit $rc, see pytest_gpu.txt)"
-fi
-
-# --- 3b. Triton tests, compiled for the GPU (they run under the interpreter on CPU-only CI) -----
-if [ "${SUBKERN_GPU_CHECK_TRITON_TESTS:-1}" = 1 ]; then
-    run_step "pytest triton" "$OUT/pytest_triton.txt" "$PY" -m pytest tests/ -x -q \
-        -p no:cacheprovider -k "triton" || fail "Triton tests failed on the GPU (see pytest_triton.txt)"
 fi
 
 # --- 4. CUDA benchmark -----------------------------------------------------------------------

@@ -14,17 +14,26 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "grouped_tile", "matmul_configs", "precision_for", "rows_2d"]
+__all__ = ["AUTOTUNE", "INTERPRET", "grouped_tile", "matmul_configs", "precision_for", "rows_2d"]
 
 #: Triton runs in its interpreter (no GPU: the CPU tests).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: ``SUBKERN_TRITON_AUTOTUNE=0`` (read at import) gives every autotuned kernel one safe
+#: configuration: no benchmarking of candidates at the first call of each shape. The GPU tests
+#: set it (they check results, not speed, and would otherwise compile every candidate per shape).
+AUTOTUNE = os.environ.get("SUBKERN_TRITON_AUTOTUNE", "1") != "0"
+
 
 def matmul_configs() -> list[triton.Config]:
-    """Autotuning configurations (one small one under the interpreter)."""
+    """Autotuning configurations (one small one under the interpreter, one that fits float64
+    tiles in shared memory when autotuning is off)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                              num_warps=4, num_stages=3)]
     shapes = [
         (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
         (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4),

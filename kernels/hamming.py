@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._matmul_common import AUTOTUNE
+
 __all__ = ["hamming_distance", "hamming_topk", "INDEX_BITS", "MAX_K"]
 
 #: Low bits of a top-k key holding the database index: keys are ``(distance << 43) | index``.
@@ -194,12 +196,13 @@ def _store_topk(best, rows_q, mask_q, out_d_ptr, out_i_ptr, k, KP: tl.constexpr)
 def _distance_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 4}, num_warps=4)]
-    return [
+    configs = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=8),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4),
     ]
+    return configs if AUTOTUNE else configs[:1]
 
 
 @triton.autotune(configs=_distance_configs(), key=["NWORDS", "BLOCK_W", "WORD_BYTES"])
@@ -236,12 +239,13 @@ def _topk_configs() -> list[triton.Config]:
     # and shrink the query tile to _KEYS_PER_THREAD keys per thread and the number of queries.
     if _INTERPRET:
         return [triton.Config({"BLOCK_Q": 4, "BLOCK_N": 32}, num_warps=4)]
-    return [
+    configs = [
         triton.Config({"BLOCK_Q": 8, "BLOCK_N": 128}, num_warps=4),
         triton.Config({"BLOCK_Q": 16, "BLOCK_N": 128}, num_warps=4),
         triton.Config({"BLOCK_Q": 32, "BLOCK_N": 128}, num_warps=8),
         triton.Config({"BLOCK_Q": 16, "BLOCK_N": 256}, num_warps=8),
     ]
+    return configs if AUTOTUNE else configs[:1]
 
 
 def _log2(x: int) -> int:

@@ -133,12 +133,17 @@ def test_bad_epilogue_arguments():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_other_backends_epilogue(backend):
+    # Triton runs CUDA tensors where there is a GPU (CPU tensors only under its interpreter)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     w = sparse_weight(13, 40, 0.4, seed=2)
     p = S.pack_csr(w)
     X, bias = torch.randn(40, 20), torch.randn(13)
     with use_backend(backend):
-        y = S.csr_matmul(*args(p), X, 40, bias, True)
-    torch.testing.assert_close(y.double(), expected(w, X, bias, True), atol=1e-4, rtol=1e-4)
+        y = S.csr_matmul(*(t.to(device) for t in args(p)), X.to(device), 40, bias.to(device),
+                         True)
+    assert y.device.type == device
+    torch.testing.assert_close(y.cpu().double(), expected(w, X, bias, True), atol=1e-4,
+                               rtol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:Input #")

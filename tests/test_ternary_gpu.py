@@ -73,7 +73,7 @@ def test_supermask_layers_on_gpu():
     w = torch.where(torch.rand(12, 8, 3, 3) < 0.5, 0.2, -0.2)
     mask = torch.rand(12, 8, 3, 3) < 0.5
     conv = SupermaskConv2d.from_weight_and_mask(w, mask, torch.randn(12), padding=1, groups=2)
-    x = torch.randn(2, 8, 9, 9)
+    x = torch.randn(2, 16, 9, 9)  # groups=2: 2 x 8 input channels
     expected = conv(x)
     torch.testing.assert_close(conv.cuda()(x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)
     wl = torch.where(torch.rand(10, 70) < 0.5, 0.1, -0.1)

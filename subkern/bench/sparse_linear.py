@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ..ops.sparse_linear import bitmap_linear, csr_linear, pack_bitmap, pack_csr
+from ..ops.sparse_linear import BITMAP_BACKENDS, bitmap_linear, csr_linear, pack_bitmap, pack_csr
 from . import environment
 from .harness import BenchConfig, BenchResult, Measurement, compare, time_with_result
 
@@ -80,15 +80,26 @@ def make_weight(out: int, inp: int, sparsity: float, seed: int = 0) -> torch.Ten
     return w * (torch.rand(out, inp, generator=g) >= sparsity)
 
 
-def stream_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    """Best copy bandwidth (bytes read + written per second) of a ``nbytes`` torch copy (CPU)."""
-    src = torch.ones(nbytes // 4)
+def stream_bandwidth(nbytes: int = 256 << 20, reps: int = 5, device: str = "cpu") -> float:
+    """Best copy bandwidth (bytes read + written per second) of a ``nbytes`` torch copy on
+    ``device`` (CUDA: timed with events, 4x the bytes so that launch cost does not count)."""
+    if device == "cuda":
+        nbytes *= 4
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(reps + 1):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            stop.record()
+            stop.synchronize()
+            best = min(best, start.elapsed_time(stop) / 1e3)
+        else:
+            start_s = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - start_s)
     return 2 * nbytes / best
 
 
@@ -159,12 +170,11 @@ def run(config: BenchConfig) -> BenchResult:
         if reason is not None:
             raise RuntimeError(f"--device cuda: {reason}")
         backends: tuple[str, ...] = ("cuda", "triton")
-        bandwidth = None
     else:
         backends = ("cpp",)
-        bandwidth = stream_bandwidth()
-        result.params["stream_bandwidth_GBps"] = bandwidth / 1e9
-        config.log(f"[{FAMILY}] stream copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = stream_bandwidth(device=device)
+    result.params["stream_bandwidth_GBps"] = bandwidth / 1e9
+    config.log(f"[{FAMILY}] {device} copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     ours_backends = []
     for name in backends:
         why = _backend.unavailable_reason(name, torch.device(device), OP)
@@ -231,7 +241,7 @@ def run(config: BenchConfig) -> BenchResult:
                             _record(result, m, case)
                             if label == "csr fp32":
                                 y_ours = y
-                        if batch <= 16:
+                        if batch <= 16 and name in BITMAP_BACKENDS:
                             m, _ = time_with_result(f"subkern[{name}] bitmap fp32",
                                          _ours_bitmap(name, x, bitmap, inp), device,
                                          size.warmup, reps, batch)
