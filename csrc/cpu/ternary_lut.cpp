@@ -24,8 +24,10 @@
 // 2, 1 rows against one tile of RB blocks while its bytes are in L1.
 // Other instruction sets: the same tables, scalar (subkern.nn.SupermaskLinear routes those CPUs
 // to the bit-mask kernel of ternary.cpp instead).
-// Threads: the persistent pool of parallel.h over tiles of rows; the per-row sums do not depend
-// on the thread count.
+// Threads: torch's own intra-op (OpenMP) threads over tiles of rows (intraop_tasks,
+// csrc/cpu/topk_select.h), the threads the surrounding torch ops use, so the kernel does not
+// compete with OpenMP workers still spinning after them; the per-row sums do not depend on the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +40,7 @@
 #include "cpu/common.h"
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
+#include "cpu/topk_select.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SUBKERN_LUT_X86 1
@@ -233,7 +236,7 @@ at::Tensor ternary_linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& p
   // Tables: one batch row per task.
   const int64_t table_threads =
       std::min<int64_t>({requested, B, std::max<int64_t>(1, B * G / 4096)});
-  run_tasks(table_threads, [&](int64_t t) {
+  intraop_tasks(table_threads, [&](int64_t t) {
     for (int64_t b = B * t / table_threads; b < B * (t + 1) / table_threads; ++b) {
 #if SUBKERN_LUT_X86
       if (isa == Isa::Avx512Vpopcnt) {
@@ -251,7 +254,7 @@ at::Tensor ternary_linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& p
   const double work = static_cast<double>(nblocks * kBlockRows) *
                       static_cast<double>(G * kGroup) * static_cast<double>(B);
   const int64_t nthreads = threads_for_work(work, kMinWorkPerThread, ntiles);
-  run_tasks(nthreads, [&](int64_t t) {
+  intraop_tasks(nthreads, [&](int64_t t) {
     const int64_t t0 = ntiles * t / nthreads, t1 = ntiles * (t + 1) / nthreads;
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t q0 = tile * kTileBlocks;
