@@ -18,6 +18,8 @@ DENSITIES = [0.0, 0.5, 0.1, 0.01, 1.0]  # sparsity 100 %, 50 %, 90 %, 99 %, 0 %
 SHAPES = [  # (batch, out, in): ragged, batch 1 (SpMV path), larger (SpMM path), empty
     (1, 1, 1), (1, 5, 3), (3, 17, 64), (1, 123, 200), (16, 64, 130), (37, 13, 65),
     (70, 33, 100), (0, 4, 5), (3, 0, 7), (2, 3, 0),
+    (48, 160, 96),   # whole 16 x 16 tiles in both transposes
+    (130, 600, 80),  # a transposed output large enough to be cut over threads, ragged tiles
 ]
 needs_cpp = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="subkern._C not built")
 
