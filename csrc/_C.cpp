@@ -1,11 +1,17 @@
-// subkern._C: the pybind11 module. It only reports build facts and CPU features; the kernels
-// register themselves with the torch dispatcher (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda)
-// against schemas that subkern/ops defines in Python.
+// subkern._C: the pybind11 module. It reports build facts and CPU features, and binds the direct
+// (dispatcher-free) entry points of a few CPU inference kernels (csrc/cpu/direct.h,
+// subkern/ops/_direct.py); the kernels register themselves with the torch dispatcher
+// (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda) against schemas that subkern/ops defines in
+// Python.
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/direct.h"
 
 #ifndef SUBKERN_WITH_CUDA
 #define SUBKERN_WITH_CUDA 0
@@ -50,6 +56,21 @@ py::dict build_info() {
   return info;
 }
 
+// fn recorded for the profiler as `name`, with c10::Error rethrown as std::runtime_error carrying
+// the message without the C++ backtrace (pybind11 turns it into RuntimeError, the type the
+// torch.ops path raises).
+template <class R, class... Args>
+auto without_backtrace(const char* name, R (*fn)(Args...)) {
+  return [name, fn](Args... args) -> R {
+    RECORD_FUNCTION(name, std::vector<c10::IValue>());  // visible to torch.profiler
+    try {
+      return fn(args...);
+    } catch (const c10::Error& err) {
+      throw std::runtime_error(err.what_without_backtrace());
+    }
+  };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -62,4 +83,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &subkern::cpu::set_isa, py::arg("name"),
         "Force the CPU kernels' level: 'avx512', 'avx2', 'portable' or 'auto'.");
   m.def("cpu_features", &subkern::cpu::detected_features, "CPU features detected at run time.");
+  // The GIL is released while the kernels run (as torch.ops calls do); c10::Error becomes a
+  // RuntimeError with the message alone (the op path's text), not the C++ backtrace.
+  m.def("direct_ternary_linear_prepacked",
+        without_backtrace("subkern::ternary_linear_prepacked",
+                          &subkern::cpu::direct_ternary_linear_prepacked),
+        py::call_guard<py::gil_scoped_release>(),
+        "The CPU kernel of subkern::ternary_linear_prepacked without the dispatcher (inference).");
+  m.def("direct_csr_linear", without_backtrace("subkern::csr_linear", &subkern::cpu::direct_csr_linear),
+        py::call_guard<py::gil_scoped_release>(),
+        "The CPU kernel of subkern::csr_linear without the dispatcher (inference).");
+  m.def("direct_csr_matmul", without_backtrace("subkern::csr_matmul", &subkern::cpu::direct_csr_matmul),
+        py::call_guard<py::gil_scoped_release>(),
+        "The CPU kernel of subkern::csr_matmul without the dispatcher (inference).");
 }

@@ -39,12 +39,36 @@ def _validate(name: str, source: str) -> str:
     return name
 
 
+# SUBKERN_BACKEND is read on every call (it may change at run time) but validated only when its
+# value changed. os.environ.get costs about 1.6 us when the variable is unset (a KeyError inside
+# the mapping), a real share of a small op's call, so CPython's bytes dict behind os.environ is
+# read directly where it exists.
+_ENV_KEY = "SUBKERN_BACKEND"
+_env_data = getattr(os.environ, "_data", None)
+_env_key_bytes = (os.environ.encodekey(_ENV_KEY)  # type: ignore[attr-defined]
+                  if _env_data is not None and hasattr(os.environ, "encodekey") else None)
+_env_backend: tuple[str | None, str] = (None, "auto")
+
+
+def _env_raw() -> str | None:
+    if _env_key_bytes is not None:
+        value = _env_data.get(_env_key_bytes)
+        return None if value is None else os.environ.decodevalue(value)  # type: ignore[attr-defined]
+    return os.environ.get(_ENV_KEY)
+
+
 def get_backend() -> str:
     """The requested backend: innermost :func:`use_backend`, else ``SUBKERN_BACKEND``, else auto."""
+    global _env_backend
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _validate(os.environ.get("SUBKERN_BACKEND", "auto"), "SUBKERN_BACKEND")
+    raw = _env_raw()
+    cached_raw, name = _env_backend
+    if raw != cached_raw:
+        name = "auto" if raw is None else _validate(raw, _ENV_KEY)
+        _env_backend = (raw, name)
+    return name
 
 
 @contextlib.contextmanager

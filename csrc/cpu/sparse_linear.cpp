@@ -61,6 +61,7 @@
 
 #include "cpu/common.h"
 #include "cpu/cpu_features.h"
+#include "cpu/direct.h"
 #include "cpu/topk_select.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -1210,6 +1211,19 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmap,
 }
 
 }  // namespace
+
+at::Tensor direct_csr_linear(const at::Tensor& x, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, const at::Tensor& values,
+                             int64_t in_features, const std::optional<at::Tensor>& bias) {
+  return csr_linear_cpu(x, row_ptr, col_idx, values, in_features, bias);
+}
+
+at::Tensor direct_csr_matmul(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                             const at::Tensor& values, const at::Tensor& X, int64_t in_features,
+                             const std::optional<at::Tensor>& bias, bool relu) {
+  return csr_matmul_cpu(row_ptr, col_idx, values, X, in_features, bias, relu);
+}
+
 }  // namespace subkern::cpu
 
 TORCH_LIBRARY_IMPL(subkern, CPU, m) {  // schemas: subkern/ops/sparse_linear.py

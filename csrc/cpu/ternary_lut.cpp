@@ -39,6 +39,7 @@
 
 #include "cpu/common.h"
 #include "cpu/cpu_features.h"
+#include "cpu/direct.h"
 #include "cpu/parallel.h"
 #include "cpu/topk_select.h"
 
@@ -274,6 +275,14 @@ at::Tensor ternary_linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& p
 }
 
 }  // namespace
+
+at::Tensor direct_ternary_linear_prepacked(const at::Tensor& x, const at::Tensor& packed,
+                                           double scale, int64_t in_features,
+                                           int64_t out_features,
+                                           const std::optional<at::Tensor>& bias) {
+  return ternary_linear_prepacked_cpu(x, packed, scale, in_features, out_features, bias);
+}
+
 }  // namespace subkern::cpu
 
 TORCH_LIBRARY_IMPL(subkern, CPU, m) {

@@ -14,8 +14,9 @@ Values are float32, bfloat16 or float16 (``value_dtype``); a ``bias`` buffer is 
 output has the input's dtype, accumulated in float32 by the sparse kernels (the dense format
 computes in the value dtype, e.g. bf16 with the CPU's matrix unit).
 
-Forward (always the registered ops ``torch.ops.subkern.*``, so ``torch.export`` and
-``torch.compile`` see through it):
+Forward (the registered ops ``torch.ops.subkern.*``, so ``torch.export`` and ``torch.compile``
+see through it; plain CPU inference calls the same C++ kernels without the dispatcher,
+:mod:`subkern.ops._direct`):
 
 * :class:`SparseLinear`: ``y = x W^T + b`` by ``csr_linear`` / ``bitmap_linear`` on ``x`` viewed
   ``[B, in]`` (any leading dims, ``B`` may be 0);
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._direct import direct_kernel, direct_ok
 from ..ops.library import has_kernel
 from ..ops.sparse_linear import (
     MAX_INT16_COLUMNS,
@@ -265,6 +267,26 @@ class _SparseBase(nn.Module):
                 "index_dtype": self.index_dtype, "bias": self.bias is not None}
 
 
+def _csr_linear(x2: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                values: torch.Tensor, in_features: int, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    """``subkern::csr_linear``, called directly for plain CPU inference (``_direct``)."""
+    direct = direct_kernel("csr_linear")
+    if direct is not None and direct_ok(x2, values, bias):
+        return direct(x2, row_ptr, col_idx, values, in_features, bias)
+    return torch.ops.subkern.csr_linear(x2, row_ptr, col_idx, values, in_features, bias)
+
+
+def _csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                X: torch.Tensor, in_features: int, bias: torch.Tensor | None, relu: bool
+                ) -> torch.Tensor:
+    """``subkern::csr_matmul``, called directly for plain CPU inference (``_direct``)."""
+    direct = direct_kernel("csr_matmul")
+    if direct is not None and direct_ok(X, values, bias):
+        return direct(row_ptr, col_idx, values, X, in_features, bias, relu)
+    return torch.ops.subkern.csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
+
+
 class SparseLinear(_SparseBase):
     """``y = x W^T + b`` with a frozen sparse ``W [out, in]`` (module docstring).
 
@@ -353,8 +375,8 @@ class SparseLinear(_SparseBase):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if self.format == "csr":
-            y = torch.ops.subkern.csr_linear(x2, self.row_ptr, self.col_idx, self.values,
-                                             self.in_features, self.bias)
+            y = _csr_linear(x2, self.row_ptr, self.col_idx, self.values, self.in_features,
+                            self.bias)
         else:
             y = torch.ops.subkern.bitmap_linear(x2, self.bitmap, self.row_ptr, self.values,
                                                 self.in_features, self.bias)
@@ -579,8 +601,8 @@ class SparseConv2d(_SparseBase):
             return self._forward_implicit(x, ho, wo)
         mat = self._columns(x, ho, wo)                                         # [K, N L]
         # [out, N L] = relu?(W @ X + b): bias and ReLU fused into the kernel's store
-        y = torch.ops.subkern.csr_matmul(self.row_ptr, self.col_idx, self.values, mat,
-                                         self.fan_in, self.bias, self.relu)
+        y = _csr_matmul(self.row_ptr, self.col_idx, self.values, mat, self.fan_in, self.bias,
+                        self.relu)
         if n == 1:
             return y.reshape(1, self.out_channels, ho, wo)
         return y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
@@ -632,8 +654,8 @@ class SparseConv2d(_SparseBase):
         ncols = ho * wp
         in_feats = c * hp * wp - ncols + 1         # X[off, n] stays inside flat for every n
         X = flat.as_strided((in_feats, ncols), (1, 1))
-        y = torch.ops.subkern.csr_matmul(self.row_ptr, self._offsets(hp, wp), self.values, X,
-                                         in_feats, self.bias, self.relu)          # [out, ho wp]
+        y = _csr_matmul(self.row_ptr, self._offsets(hp, wp), self.values, X, in_feats,
+                        self.bias, self.relu)                                  # [out, ho wp]
         return y.view(1, self.out_channels, ho, wp)[:, :, :, :wo]
 
     def extra_repr(self) -> str:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from ._direct import direct_kernel, direct_ok
 from .library import LIB, has_kernel, qualname
 from .ternary import WORD_BITS, pack_rows, unpack_rows, words_for
 
@@ -602,8 +603,12 @@ def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     elif chosen == "triton":
         y = _triton_csr_linear(x2, row_ptr, col_idx, values, in_features, bias)
     else:
-        y = _call(torch.ops.subkern.csr_linear.default, x2, row_ptr, col_idx, values,
-                  in_features, bias)
+        direct = direct_kernel("csr_linear")
+        if direct is not None and direct_ok(x2, values, bias):
+            y = direct(x2, row_ptr, col_idx, values, in_features, bias)
+        else:
+            y = _call(torch.ops.subkern.csr_linear.default, x2, row_ptr, col_idx, values,
+                      in_features, bias)
     return y if flat else y.reshape(*x.shape[:-1], out)
 
 
@@ -640,6 +645,9 @@ def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tenso
         return reference_csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
     if chosen == "triton":
         return _triton_csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
+    direct = direct_kernel("csr_matmul")
+    if direct is not None and direct_ok(X, values, bias):
+        return direct(row_ptr, col_idx, values, X, in_features, bias, relu)
     return _call(torch.ops.subkern.csr_matmul.default, row_ptr, col_idx, values, X, in_features,
                  bias, relu)
 

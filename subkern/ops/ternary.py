@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from .. import backend as _backend
+from ._direct import direct_kernel, direct_ok
 from .binary import pack_bits, unpack_bits
 from .library import LIB, has_kernel, qualname
 
@@ -494,16 +495,14 @@ def ternary_linear_prepacked_cpu(x: torch.Tensor, packed: torch.Tensor, scale: f
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    op = torch.ops.subkern.ternary_linear_prepacked.default
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad:
-        y = op(x2, packed, scale, in_features, out_features, bias)
+    direct = direct_kernel("ternary_linear_prepacked")
+    if direct is not None and direct_ok(x, bias):
+        # Inference: the C++ kernel without the dispatcher and the op's (Python) autograd
+        # kernel, about 6 us of a call that takes tens of microseconds at batch 1.
+        y = direct(x2, packed, scale, in_features, out_features, bias)
     else:
-        # Inference: skip the (Python) autograd kernel of the op, about 4 us of a call that
-        # takes tens of microseconds at batch 1.
-        with torch._C._AutoDispatchBelowAutograd():
-            y = op(x2, packed, scale, in_features, out_features, bias)
+        y = torch.ops.subkern.ternary_linear_prepacked.default(x2, packed, scale, in_features,
+                                                               out_features, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
