@@ -77,8 +77,9 @@ namespace {
 // Batch sizes up to this run the gather SpMV (its gathers scale with the batch); larger ones the
 // transposed SpMM (measured: SpMV wins at batch 2 and 3, ties at 4, on AVX-512).
 constexpr int64_t kSpmvMaxBatch = 3;
-// Calls with less work (nonzeros x batch) than this per thread use fewer threads.
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
+// Calls with less work (nonzeros x batch) than this per thread use fewer threads (a fork-join of
+// torch's intra-op threads costs about 2.5 us; 2^14 nonzeros take 5-7 us at batch 1).
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 14;
 // Per-row cost in nonzero-equivalents for the thread partition (loop and store overhead).
 constexpr int64_t kRowCost = 8;
 // SpMM: nonzeros per row block (indices + values stay in L1 across the batch blocks).
