@@ -16,22 +16,12 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from subkern.kernels._matmul_common import grouped_tile
 from triton.testing import do_bench, do_bench_cudagraph
 
 CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "G": 8}, num_stages=s, num_warps=w)
            for bm, bn, bk, s, w in [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8),
                                     (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]]
-
-
-@triton.jit
-def _tile(pid, P, Q, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-    npm = tl.cdiv(P, BM)
-    npn = tl.cdiv(Q, BN)
-    nig = G * npn
-    gid = pid // nig
-    fm = gid * G
-    gs = min(npm - fm, G)
-    return fm + ((pid % nig) % gs), (pid % nig) // gs
 
 
 @triton.autotune(configs=CONFIGS, key=["P", "Q", "R", "MODE"])
@@ -41,7 +31,7 @@ def _kern(a_ptr, b_ptr, m_ptr, c_ptr, P, Q, R, sap, sar, sbr, sbq, scp, scq,
           G: tl.constexpr):
     # C[P,Q] = A[P,R] @ B[R,Q]; MODE 0 dense, 1 mask on B (m has B's strides),
     # 2 mask on A (m has A's strides)
-    pid_m, pid_n = _tile(tl.program_id(0), P, Q, BM, BN, G)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), P, Q, BM, BN, G)
     om = pid_m * BM + tl.arange(0, BM)
     on = pid_n * BN + tl.arange(0, BN)
     ok = tl.arange(0, BK)
