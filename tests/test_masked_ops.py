@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import subkern  # noqa: F401  (loads subkern._C)
+from subkern import _ext
 from subkern import backend as _backend
 from subkern.ops import masked as mk
 from subkern.ops.topk_mask_reference import kept_count
@@ -594,3 +595,18 @@ def test_bench_family_tiny():
     assert all(row.match for row in result.rows), [row.match_detail for row in result.rows]
     assert {row.rival for row in result.rows} == {"reference (sort+mul+F.linear+autograd)",
                                                   "dense F.linear fwd+bwd"}
+
+
+def test_bench_case_with_the_materialised_alternative():
+    """The W*M + cuBLAS row that CUDA runs add, exercised on CPU."""
+    from subkern.bench import harness
+    from subkern.bench import masked as bench_masked
+
+    config = harness.BenchConfig(device="cpu", size="tiny", log=lambda _: None)
+    result = harness.BenchResult(bench_masked.FAMILY, "cpu", "tiny")
+    size = bench_masked.size_for("cpu", "tiny")
+    out_f, in_f = size.layers[0]
+    bench_masked._run_case(config, size, result, out_f, in_f, size.tokens[0], torch.float32,
+                           "cpp" if _ext.has_cpu_kernels() else "reference", materialized=True)
+    rows = [row for row in result.rows if "W*M + cuBLAS" in row.ours]
+    assert len(rows) == 1 and rows[0].rival == "dense F.linear fwd+bwd" and rows[0].match

@@ -159,8 +159,12 @@ def _measure(name: str, fn: Callable[[], Any], items: int, device: str, warmup: 
 
 
 def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f: int, in_f: int,
-              tokens: int, dtype: torch.dtype, backend: str) -> None:
+              tokens: int, dtype: torch.dtype, backend: str,
+              materialized: bool | None = None) -> None:
+    """One case; ``materialized`` (default: on CUDA) also times the W*M + cuBLAS alternative."""
     device = config.device
+    if materialized is None:
+        materialized = device == "cuda"
     reps = config.reps or size.reps
     case = case_label(out_f, in_f, tokens, dtype)
     params = {"out_features": out_f, "in_features": in_f, "tokens": tokens, "k": K,
@@ -183,10 +187,16 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
         "ref": ("reference (sort+mul+F.linear+autograd)", reference, size.slow_reps),
         "dense": ("dense F.linear fwd+bwd", dense, reps),
     }
+    if materialized:
+        # the alternative to fusing the mask into the matmul: W * M written once, then cuBLAS
+        # (the reference kernels with the mask given; benchmarks/results/gpu/README.md)
+        impls["materialized"] = ("subkern[reference] fwd+bwd (mask given: W*M + cuBLAS)",
+                                 _masked_step(data, "reference", mask), reps)
     timed = time_round_robin(impls, device, size.warmup)
+    measured = {key: Measurement(impls[key][0], tokens, timed[key]) for key in impls}
     m_total, m_kernel, m_select, m_ref, m_dense = (
-        Measurement(impls[key][0], tokens, timed[key]) for key in impls)
-    for m in (m_total, m_kernel, m_select, m_ref, m_dense):
+        measured[key] for key in ("total", "kernel", "select", "ref", "dense"))
+    for m in measured.values():
         data_json = m.to_json()
         data_json["case"] = case
         result.measurements.append(data_json)
@@ -200,6 +210,11 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
                                notes=[select_note], **common))
     result.rows.append(compare(ours=m_kernel, rival=m_dense, target=dense_target,
                                notes=["mask given (selection excluded)"], **common))
+    if "materialized" in measured:
+        result.rows.append(compare(ours=measured["materialized"], rival=m_dense,
+                                   target=dense_target,
+                                   notes=["W * M materialised once per step, cuBLAS GEMMs"],
+                                   **common))
     if device == "cuda":
         m_fwd = _measure(f"{ours_name} forward (mask given)", _masked_forward(data, mask),
                          tokens, device, size.warmup, reps)
