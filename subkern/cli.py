@@ -7,15 +7,15 @@
     ``<family>_<device>[_quick].json`` (every raw timing, machine, versions, threads, date) and
     ``.png`` (speedup chart) into ``--out``. Exit status 1 when a result does not match its rival
     or an implementation failed, 2 for unusable arguments (e.g. ``--device cuda`` without CUDA).
-``subkern train edgepopup [--data digits|mnist|cifar10] [--data-dir DIR] [--model fc] [--k 0.5]
-[--init signed_constant] [--epochs N] [--lr 0.1] [--batch-size 128] [--seed 0] [--out DIR]
-[--resume CKPT] [--dense-baseline] [--device auto|cpu|cuda]``
+``subkern train edgepopup [--data digits|mnist|cifar10|imagenet] [--data-dir DIR] [--workers N]
+[--model fc] [--k 0.5] [--init signed_constant] [--epochs N] [--lr 0.1] [--batch-size 128]
+[--seed 0] [--out DIR] [--resume CKPT] [--dense-baseline] [--device auto|cpu|cuda]``
     Edge-popup reference training (subkern.methods.edgepopup) with a progress bar, a checkpoint
     every epoch (``--out``) and resume; multi-GPU / multi-node through ``torchrun -m subkern.cli``.
     Exit status 2 for unusable arguments, data or checkpoints.
-``subkern train str [--data digits|mnist|cifar10] [--data-dir DIR] [--model fc] [--s-init S]
-[--weight-decay WD] [--target-sparsity T] [--per-channel] [--epochs N] [--lr 0.1]
-[--batch-size 128] [--seed 0] [--out DIR] [--resume CKPT] [--dense-baseline]
+``subkern train str [--data digits|mnist|cifar10|imagenet] [--data-dir DIR] [--workers N]
+[--model fc] [--s-init S] [--weight-decay WD] [--target-sparsity T] [--per-channel] [--epochs N]
+[--lr 0.1] [--batch-size 128] [--seed 0] [--out DIR] [--resume CKPT] [--dense-baseline]
 [--device auto|cpu|cuda]``
     STR reference training (subkern.methods.str): learned soft thresholds, the same progress bar,
     checkpoints, resume and torchrun support; prints the test accuracy, the overall sparsity and
@@ -73,9 +73,13 @@ def _add_data_args(parser: argparse.ArgumentParser, datasets: Sequence[str],
                    models: Sequence[str]) -> None:
     """The data set and architecture flags every ``train`` method shares."""
     parser.add_argument("--data", choices=datasets, default="digits",
-                        help="digits (embedded, default), or mnist / cifar10 from --data-dir")
+                        help="digits (embedded, default), or mnist / cifar10 / imagenet from "
+                             "--data-dir")
     parser.add_argument("--data-dir", default=None,
-                        help="folder with the MNIST / CIFAR-10 files")
+                        help="folder with the MNIST / CIFAR-10 files, or ImageNet's train/ and "
+                             "val/ class folders")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes (0; use several for ImageNet)")
     parser.add_argument("--model", choices=tuple(models), default="fc",
                         help="architecture (fc)")
     parser.add_argument("--width-mult", type=float, default=1.0,
@@ -277,7 +281,7 @@ def _shared_recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
             "first_layer_dense": args.first_layer_dense,
             "last_layer_dense": args.last_layer_dense, "dense_baseline": args.dense_baseline,
             "device": args.device, "out": args.out, "stop_after": args.stop_after,
-            "progress": not args.no_progress}
+            "progress": not args.no_progress, "workers": args.workers}
 
 
 def _run_training(method: str, recipe_cls: Callable[..., Any],

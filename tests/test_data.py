@@ -142,7 +142,7 @@ def test_load_dispatch_errors():
     with pytest.raises(data.DataError, match="--data-dir"):
         data.load("cifar10", None)
     with pytest.raises(data.DataError, match="unknown data set"):
-        data.load("imagenet", "/nowhere")
+        data.load("svhn", "/nowhere")
 
 
 def test_random_crop_flip_is_a_seeded_shifted_view():

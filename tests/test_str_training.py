@@ -78,7 +78,7 @@ def test_paper_recipes_are_the_official_configs():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"data": "imagenet"}, "data set"), ({"model": "vgg"}, "model"), ({"epochs": 0}, "epochs"),
+    ({"data": "svhn"}, "data set"), ({"model": "vgg"}, "model"), ({"epochs": 0}, "epochs"),
     ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"),
     ({"target_sparsity": 1.0}, "target_sparsity"), ({"momentum": 1.0}, "momentum"),
     ({"target_sparsity": 0.5, "dense_baseline": True}, "exclude"),

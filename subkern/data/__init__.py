@@ -5,10 +5,13 @@
 * ``load_mnist(root)``: MNIST from the four idx-ubyte files (optionally ``.gz``) in ``root``.
 * ``load_cifar10(root)``: CIFAR-10 from the python pickle batches ``data_batch_1..5`` and
   ``test_batch`` in ``root`` (or ``root/cifar-10-batches-py``).
+* ``load_imagenet(root)``: ImageNet from ``root/train/<class>/*`` and ``root/val/<class>/*``
+  JPEGs, decoded per item with the official transforms (:mod:`subkern.data.imagenet`).
 
-Every loader returns a ``Split(train, test, num_classes, in_shape)`` of ``TensorDataset``s of
-``float32`` images ``[N, C, H, W]`` (normalised with the mean/std the official code uses) and
-``int64`` labels. ``load(name, root)`` dispatches by name (``DATASETS``).
+Every loader returns a ``Split(train, test, num_classes, in_shape)`` of datasets of ``float32``
+images ``[C, H, W]`` (normalised with the mean/std the official code uses) and ``int64`` labels:
+``TensorDataset``s held in memory, except ImageNet's folders. ``load(name, root)`` dispatches by
+name (``DATASETS``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10")
+from .imagenet import EVAL_SIZE, ImageFolderDataset
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "imagenet")
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081                       # official data/mnist.py
 CIFAR10_MEAN = (0.491, 0.482, 0.447)                          # official data/cifar.py
@@ -44,8 +49,8 @@ class DataError(ValueError):
 class Split:
     """Train and test sets plus what a model needs to know about them."""
 
-    train: TensorDataset
-    test: TensorDataset
+    train: Dataset
+    test: Dataset
     num_classes: int
     in_shape: tuple[int, int, int]   # (channels, height, width)
 
@@ -211,12 +216,26 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator,
     return out
 
 
-def load(name: str, root: str | None = None) -> Split:
-    """Load data set ``name`` (``DATASETS``); ``root`` is the folder for mnist / cifar10."""
+def load_imagenet(root: str, seed: int = 0) -> Split:
+    """ImageNet from ``root/train/<class>/*`` and ``root/val/<class>/*`` (``seed``: the training
+    transform's random draws). Raises ``DataError`` for a missing or inconsistent folder."""
+    try:
+        train = ImageFolderDataset(os.path.join(root, "train"), train=True, seed=seed)
+        test = ImageFolderDataset(os.path.join(root, "val"), train=False, classes=train.classes)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(str(err)) from err
+    return Split(train, test, len(train.classes), (3, EVAL_SIZE, EVAL_SIZE))
+
+
+def load(name: str, root: str | None = None, seed: int = 0) -> Split:
+    """Load data set ``name`` (``DATASETS``); ``root`` is the folder for mnist / cifar10 /
+    imagenet; ``seed`` seeds ImageNet's per-item training transform."""
     if name == "digits":
         return load_digits()
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
     if not root:
         raise DataError(f"--data {name} needs --data-dir (subkern does not download data)")
+    if name == "imagenet":
+        return load_imagenet(root, seed)
     return load_mnist(root) if name == "mnist" else load_cifar10(root)

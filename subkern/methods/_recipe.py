@@ -42,8 +42,16 @@ class RecipeMixin:
         if not self.width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
 
+    def _check_workers(self) -> None:
+        """``workers`` (DataLoader processes) is >= 0."""
+        workers = getattr(self, "workers", 0)
+        if not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+
     def _check_stop_after(self) -> None:
-        """``stop_after`` (when given) is >= 1 and comes with an output folder to resume from."""
+        """``stop_after`` (when given) is >= 1 and comes with an output folder to resume from;
+        also checks ``workers``."""
+        self._check_workers()
         if self.stop_after is not None and (self.stop_after < 1 or not self.out):
             raise ValueError("stop_after needs a value >= 1 and an output folder (out) for the "
                              "checkpoint to resume from")
@@ -65,4 +73,4 @@ class RecipeMixin:
             progress=recipe.progress, stop_after=recipe.stop_after, checkpoint_path=checkpoint,
             resume_path=recipe.resume,
             augment=data_mod.random_crop_flip if self.use_augment else None,
-            meta=recipe.identity(), log=log)
+            num_workers=getattr(recipe, "workers", 0), meta=recipe.identity(), log=log)

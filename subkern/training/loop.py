@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -64,6 +64,7 @@ class FitConfig:
     resume_path: str | None = None
     augment: Augment | None = None
     stop_after: int | None = None      # end this invocation after that epoch (resume later)
+    num_workers: int = 0               # DataLoader worker processes (decoding data sets)
     meta: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] | None = print
 
@@ -79,15 +80,21 @@ def _reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, device: torch.device,
-             batch_size: int = 1024, info: DistInfo | None = None) -> float:
+             batch_size: int = 1024, info: DistInfo | None = None,
+             num_workers: int = 0) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (shards over ranks and sums when distributed)."""
     info = info or DistInfo(device=device)
     indices = list(range(info.rank, len(data), info.world_size))
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, len(indices), batch_size):
-        x, y = data[indices[start:start + batch_size]]
+    if isinstance(data, TensorDataset):   # in memory: slice whole batches
+        batches: Iterable = (data[indices[start:start + batch_size]]
+                             for start in range(0, len(indices), batch_size))
+    else:                                 # decoded per item (e.g. ImageNet from JPEGs)
+        batches = DataLoader(Subset(data, indices), batch_size=batch_size,
+                             num_workers=num_workers)
+    for x, y in batches:
         logits = model(x.to(device))
         correct += int((logits.argmax(dim=1).cpu() == y).sum())
     model.train(was_training)
@@ -147,7 +154,10 @@ def fit(model: nn.Module, train_data: Dataset, test_data: Dataset,
         sampler = DistributedSampler(train_data, num_replicas=info.world_size, rank=info.rank,
                                      shuffle=True, seed=config.seed)
         sampler.set_epoch(epoch)
-        loader = DataLoader(train_data, batch_size=per_rank, sampler=sampler, num_workers=0)
+        if hasattr(train_data, "set_epoch"):   # per-epoch random transforms (ImageNet)
+            train_data.set_epoch(epoch)
+        loader = DataLoader(train_data, batch_size=per_rank, sampler=sampler,
+                            num_workers=config.num_workers)
         augment_rng = torch.Generator().manual_seed(
             (config.seed * 1_000_003 + epoch * 7_919 + info.rank) % 2**63)
         trained.train()
@@ -168,7 +178,8 @@ def fit(model: nn.Module, train_data: Dataset, test_data: Dataset,
             seen += len(y)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4g}")
         loss_sum, correct, seen = _reduce_sum([loss_sum, correct, seen], info)
-        test_acc = evaluate(model, test_data, device, config.eval_batch_size, info)
+        test_acc = evaluate(model, test_data, device, config.eval_batch_size, info,
+                            config.num_workers)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "test_acc": test_acc,
                   "seconds": time.perf_counter() - started}

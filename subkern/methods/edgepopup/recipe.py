@@ -53,6 +53,7 @@ class EdgePopupRecipe(RecipeMixin):
     resume: str | None = None
     stop_after: int | None = None    # end this invocation after that epoch (resume later)
     progress: bool = True
+    workers: int = 0                 # DataLoader worker processes (ImageNet decoding)
 
     def __post_init__(self) -> None:
         check_k(self.k)

@@ -59,7 +59,7 @@ def train_edgepopup(recipe: EdgePopupRecipe, info: DistInfo | None = None,
     """
     with process_group(recipe.device, info) as info:
         seed_everything(recipe.seed)
-        split = data_mod.load(recipe.data, recipe.data_dir)
+        split = data_mod.load(recipe.data, recipe.data_dir, recipe.seed)
         model = make_model(recipe, split.in_shape, split.num_classes).to(info.device)
         optimizer = make_optimizer(model, recipe)
         checkpoint = os.path.join(recipe.out, CHECKPOINT_NAME) if recipe.out else None

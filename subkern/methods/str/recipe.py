@@ -40,22 +40,26 @@ MNIST_DEFAULTS: dict[str, Any] = {"epochs": 30, "s_init": -10.0, "weight_decay":
                                   "warmup": 2}
 CIFAR10_DEFAULTS: dict[str, Any] = {"epochs": 150, "s_init": -100.0, "weight_decay": 5e-4,
                                     "warmup": 5}
+# official configs/largescale/resnet50-str.yaml
+IMAGENET_DEFAULTS: dict[str, Any] = {"epochs": 100, "s_init": -3200.0,
+                                     "weight_decay": 2.251757813e-5, "warmup": 5}
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {"digits": DIGITS_DEFAULTS, "mnist": MNIST_DEFAULTS,
-                                            "cifar10": CIFAR10_DEFAULTS}
+                                            "cifar10": CIFAR10_DEFAULTS,
+                                            "imagenet": IMAGENET_DEFAULTS}
 
 PAPER_RECIPES: dict[str, dict[str, Any]] = {
     # official configs/largescale/resnet50-str.yaml (90.23% sparse, 74.31% top-1)
-    "imagenet_resnet50": {"model": "resnet50", "lr": 0.256, "batch_size": 256,
+    "imagenet_resnet50": {"data": "imagenet", "model": "resnet50", "lr": 0.256, "batch_size": 256,
                           "momentum": 0.875, "nesterov": False, "epochs": 100, "warmup": 5,
                           "label_smoothing": 0.1, "weight_decay": 2.251757813e-5,
                           "s_init": -3200.0},
     # official configs/largescale/resnet50-dense.yaml
-    "imagenet_resnet50_dense": {"model": "resnet50", "lr": 0.256, "batch_size": 256,
-                                "momentum": 0.875, "nesterov": False, "epochs": 100,
-                                "warmup": 5, "label_smoothing": 0.1,
+    "imagenet_resnet50_dense": {"data": "imagenet", "model": "resnet50", "lr": 0.256,
+                                "batch_size": 256, "momentum": 0.875, "nesterov": False,
+                                "epochs": 100, "warmup": 5, "label_smoothing": 0.1,
                                 "weight_decay": 3.0517578125e-5, "dense_baseline": True},
     # ResNet-18 with the ResNet-50 schedule (the paper has no ResNet-18 STR run)
-    "imagenet_resnet18": {"model": "resnet18", "lr": 0.256, "batch_size": 256,
+    "imagenet_resnet18": {"data": "imagenet", "model": "resnet18", "lr": 0.256, "batch_size": 256,
                           "momentum": 0.875, "nesterov": False, "epochs": 100, "warmup": 5,
                           "label_smoothing": 0.1, "weight_decay": 2.251757813e-5,
                           "s_init": -3200.0},
@@ -106,6 +110,7 @@ class STRRecipe(RecipeMixin):
     resume: str | None = None
     stop_after: int | None = None    # end this invocation after that epoch (resume later)
     progress: bool = True
+    workers: int = 0                 # DataLoader worker processes (ImageNet decoding)
 
     def __post_init__(self) -> None:
         self._check_data_and_model(MODELS)

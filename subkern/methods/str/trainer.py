@@ -88,7 +88,7 @@ def train_str(recipe: STRRecipe, info: DistInfo | None = None,
     """
     with process_group(recipe.device, info) as info:
         seed_everything(recipe.seed)
-        split = data_mod.load(recipe.data, recipe.data_dir)
+        split = data_mod.load(recipe.data, recipe.data_dir, recipe.seed)
         model = make_model(recipe, split.in_shape, split.num_classes).to(info.device)
         optimizer = make_optimizer(model, recipe)
         controller = None
@@ -104,7 +104,7 @@ def train_str(recipe: STRRecipe, info: DistInfo | None = None,
             controller.detach()
         test_acc = history[-1]["test_acc"] if history else evaluate(
             model, split.test, info.device, info=info)
-        sample = split.test[:1][0].to(info.device)
+        sample = split.test[0][0].unsqueeze(0).to(info.device)   # any Dataset
         report = budget_report(model, sample)
         sparsity = None if recipe.dense_baseline else model_sparsity(model)
         result = {
