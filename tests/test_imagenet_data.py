@@ -149,3 +149,17 @@ def test_train_str_on_an_imagenet_folder(tmp_path, capsys):
     assert result["recipe"]["data"] == "imagenet"
     assert result["recipe"]["s_init"] == -3200.0       # the official ImageNet default
     assert 0.0 <= result["history"][-1]["test_acc"] <= 1.0
+
+
+def test_train_edgepopup_on_an_imagenet_folder(tmp_path, capsys):
+    root = _make_folder(tmp_path / "data")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = cli.main(["train", "edgepopup", "--data", "imagenet", "--data-dir", str(root),
+                           "--model", "resnet18", "--width-mult", "0.125", "--epochs", "1",
+                           "--batch-size", "2", "--no-progress", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(before)
+    assert status == 0, capsys.readouterr().err
+    assert "epoch 1/1" in capsys.readouterr().out
