@@ -122,18 +122,15 @@ class ImageFolderDataset(Dataset):
         """Select the random draws of ``epoch`` (the training loop calls this every epoch)."""
         self.epoch = int(epoch)
 
-    def _decode(self, path: str):
-        image = _pil()
-        try:
-            with image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
-            raise ValueError(f"ImageNet: cannot decode {path!r}: {err}") from err
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        img = self._decode(path)
-        bilinear = _pil().Resampling.BILINEAR
+        image = _pil()
+        try:
+            with image.open(path) as opened:
+                img = opened.convert("RGB")
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
+            raise ValueError(f"ImageNet: cannot decode {path!r}: {err}") from err
+        bilinear = image.Resampling.BILINEAR
         if self.train:
             g = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + self.epoch * 7_919_423 + index) % 2**63)

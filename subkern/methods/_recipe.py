@@ -49,9 +49,7 @@ class RecipeMixin:
             raise ValueError(f"workers must be an int >= 0, got {workers!r}")
 
     def _check_stop_after(self) -> None:
-        """``stop_after`` (when given) is >= 1 and comes with an output folder to resume from;
-        also checks ``workers``."""
-        self._check_workers()
+        """``stop_after`` (when given) is >= 1 and comes with an output folder to resume from."""
         if self.stop_after is not None and (self.stop_after < 1 or not self.out):
             raise ValueError("stop_after needs a value >= 1 and an output folder (out) for the "
                              "checkpoint to resume from")

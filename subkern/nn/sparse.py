@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._direct import direct_kernel, direct_ok
+from ..ops._direct import run_op
 from ..ops.library import has_kernel
 from ..ops.sparse_linear import (
     MAX_INT16_COLUMNS,
@@ -267,26 +267,6 @@ class _SparseBase(nn.Module):
                 "index_dtype": self.index_dtype, "bias": self.bias is not None}
 
 
-def _csr_linear(x2: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                values: torch.Tensor, in_features: int, bias: torch.Tensor | None
-                ) -> torch.Tensor:
-    """``subkern::csr_linear``, called directly for plain CPU inference (``_direct``)."""
-    direct = direct_kernel("csr_linear")
-    if direct is not None and direct_ok(x2, values, bias):
-        return direct(x2, row_ptr, col_idx, values, in_features, bias)
-    return torch.ops.subkern.csr_linear(x2, row_ptr, col_idx, values, in_features, bias)
-
-
-def _csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                X: torch.Tensor, in_features: int, bias: torch.Tensor | None, relu: bool
-                ) -> torch.Tensor:
-    """``subkern::csr_matmul``, called directly for plain CPU inference (``_direct``)."""
-    direct = direct_kernel("csr_matmul")
-    if direct is not None and direct_ok(X, values, bias):
-        return direct(row_ptr, col_idx, values, X, in_features, bias, relu)
-    return torch.ops.subkern.csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
-
-
 class SparseLinear(_SparseBase):
     """``y = x W^T + b`` with a frozen sparse ``W [out, in]`` (module docstring).
 
@@ -375,11 +355,11 @@ class SparseLinear(_SparseBase):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if self.format == "csr":
-            y = _csr_linear(x2, self.row_ptr, self.col_idx, self.values, self.in_features,
-                            self.bias)
+            y = run_op("csr_linear", x2, (self.values, self.bias), x2, self.row_ptr,
+                       self.col_idx, self.values, self.in_features, self.bias)
         else:
-            y = torch.ops.subkern.bitmap_linear(x2, self.bitmap, self.row_ptr, self.values,
-                                                self.in_features, self.bias)
+            y = run_op("bitmap_linear", x2, (self.values, self.bias), x2, self.bitmap,
+                       self.row_ptr, self.values, self.in_features, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -601,8 +581,8 @@ class SparseConv2d(_SparseBase):
             return self._forward_implicit(x, ho, wo)
         mat = self._columns(x, ho, wo)                                         # [K, N L]
         # [out, N L] = relu?(W @ X + b): bias and ReLU fused into the kernel's store
-        y = _csr_matmul(self.row_ptr, self.col_idx, self.values, mat, self.fan_in, self.bias,
-                        self.relu)
+        y = run_op("csr_matmul", mat, (self.values, self.bias), self.row_ptr, self.col_idx,
+                   self.values, mat, self.fan_in, self.bias, self.relu)
         if n == 1:
             return y.reshape(1, self.out_channels, ho, wo)
         return y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
@@ -654,8 +634,9 @@ class SparseConv2d(_SparseBase):
         ncols = ho * wp
         in_feats = c * hp * wp - ncols + 1         # X[off, n] stays inside flat for every n
         X = flat.as_strided((in_feats, ncols), (1, 1))
-        y = _csr_matmul(self.row_ptr, self._offsets(hp, wp), self.values, X, in_feats,
-                        self.bias, self.relu)                                  # [out, ho wp]
+        y = run_op("csr_matmul", X, (self.values, self.bias), self.row_ptr,
+                   self._offsets(hp, wp), self.values, X, in_feats, self.bias,
+                   self.relu)                                                 # [out, ho wp]
         return y.view(1, self.out_channels, ho, wp)[:, :, :, :wo]
 
     def extra_repr(self) -> str:

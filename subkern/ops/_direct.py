@@ -9,6 +9,9 @@ C++ kernel directly when nothing needs the dispatcher: plain CPU tensors (no ten
 as the fake tensors of ``torch.export``), no gradient needed, not compiling, no
 ``TorchDispatchMode`` active. The kernels then still run under the profiler (they record
 themselves as ``subkern::<op>``) and raise the same ``RuntimeError`` messages.
+
+``run_op(name, x, params, *args)`` is the one entry point: the direct kernel where it applies,
+else ``torch.ops.subkern.<name>`` (below the autograd key when no input needs a gradient).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from .. import _ext
 
-__all__ = ["direct_kernel", "direct_ok"]
+__all__ = ["direct_kernel", "direct_ok", "run_op"]
 
 _kernels: dict[str, Callable | None] = {}
 
@@ -48,3 +51,27 @@ def direct_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
             if p is not None and p.requires_grad:
                 return False
     return True
+
+
+def _call_op(op, *args):
+    """Call ``op``; below the autograd key when no input needs a gradient.
+
+    The autograd formulas are registered from Python, so the Autograd dispatch of every call
+    costs about 10 us (a sizeable share of a batch-1 layer): inference calls skip it. Under
+    ``torch.compile`` the op is called normally (the tracer handles autograd itself).
+    """
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def run_op(name: str, x: torch.Tensor, params: tuple[torch.Tensor | None, ...], *args):
+    """``subkern::<name>(*args)``: the direct C++ kernel when ``direct_ok(x, *params)`` (``x``:
+    the activation, ``params``: the weight tensors that may need gradients) and the extension has
+    one, else the registered op."""
+    direct = direct_kernel(name)
+    if direct is not None and direct_ok(x, *params):
+        return direct(*args)
+    return _call_op(getattr(torch.ops.subkern, name).default, *args)

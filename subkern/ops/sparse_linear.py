@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ._direct import direct_kernel, direct_ok
+from ._direct import run_op
 from .library import LIB, has_kernel, qualname
 from .ternary import WORD_BITS, pack_rows, unpack_rows, words_for
 
@@ -487,20 +487,6 @@ def register_device_fallbacks() -> None:
 # Public API
 # --------------------------------------------------------------------------------------------
 
-def _call(op, *args):
-    """Call ``torch.ops.subkern.<op>``; below the autograd key when no input needs a gradient.
-
-    The autograd formula is registered from Python, so the Autograd dispatch of every call costs
-    about 10 us (a sizeable share of a batch-1 layer): inference calls skip it. Under
-    ``torch.compile`` the op is called normally (the tracer handles autograd itself).
-    """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
 def _check_in_features(in_features: object) -> int:
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
         raise ValueError(f"in_features must be a non-negative int, got {in_features!r}")
@@ -603,12 +589,8 @@ def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     elif chosen == "triton":
         y = _triton_csr_linear(x2, row_ptr, col_idx, values, in_features, bias)
     else:
-        direct = direct_kernel("csr_linear")
-        if direct is not None and direct_ok(x2, values, bias):
-            y = direct(x2, row_ptr, col_idx, values, in_features, bias)
-        else:
-            y = _call(torch.ops.subkern.csr_linear.default, x2, row_ptr, col_idx, values,
-                      in_features, bias)
+        y = run_op("csr_linear", x2, (values, bias), x2, row_ptr, col_idx, values, in_features,
+                   bias)
     return y if flat else y.reshape(*x.shape[:-1], out)
 
 
@@ -645,11 +627,8 @@ def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tenso
         return reference_csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
     if chosen == "triton":
         return _triton_csr_matmul(row_ptr, col_idx, values, X, in_features, bias, relu)
-    direct = direct_kernel("csr_matmul")
-    if direct is not None and direct_ok(X, values, bias):
-        return direct(row_ptr, col_idx, values, X, in_features, bias, relu)
-    return _call(torch.ops.subkern.csr_matmul.default, row_ptr, col_idx, values, X, in_features,
-                 bias, relu)
+    return run_op("csr_matmul", X, (values, bias), row_ptr, col_idx, values, X, in_features, bias,
+                  relu)
 
 
 def bitmap_linear(x: torch.Tensor, bitmap: torch.Tensor, row_ptr: torch.Tensor,
@@ -684,6 +663,6 @@ def bitmap_linear(x: torch.Tensor, bitmap: torch.Tensor, row_ptr: torch.Tensor,
     elif chosen == "triton":
         y = _triton_bitmap_linear(x2, bitmap, row_ptr, values, in_features, bias)
     else:
-        y = _call(torch.ops.subkern.bitmap_linear.default, x2, bitmap, row_ptr, values,
-                  in_features, bias)
+        y = run_op("bitmap_linear", x2, (values, bias), x2, bitmap, row_ptr, values, in_features,
+                   bias)
     return y if flat else y.reshape(*x.shape[:-1], out)

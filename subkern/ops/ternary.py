@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from .. import backend as _backend
-from ._direct import direct_kernel, direct_ok
+from ._direct import run_op
 from .binary import pack_bits, unpack_bits
 from .library import LIB, has_kernel, qualname
 
@@ -495,14 +495,10 @@ def ternary_linear_prepacked_cpu(x: torch.Tensor, packed: torch.Tensor, scale: f
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    direct = direct_kernel("ternary_linear_prepacked")
-    if direct is not None and direct_ok(x, bias):
-        # Inference: the C++ kernel without the dispatcher and the op's (Python) autograd
-        # kernel, about 6 us of a call that takes tens of microseconds at batch 1.
-        y = direct(x2, packed, scale, in_features, out_features, bias)
-    else:
-        y = torch.ops.subkern.ternary_linear_prepacked.default(x2, packed, scale, in_features,
-                                                               out_features, bias)
+    # inference: the C++ kernel without the dispatcher and the op's (Python) autograd kernel,
+    # about 6 us of a call that takes tens of microseconds at batch 1
+    y = run_op("ternary_linear_prepacked", x, (bias,), x2, packed, scale, in_features,
+               out_features, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 

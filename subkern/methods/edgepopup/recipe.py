@@ -64,6 +64,7 @@ class EdgePopupRecipe(RecipeMixin):
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("batch size must be >= 1 and lr > 0")
         self._check_stop_after()
+        self._check_workers()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 

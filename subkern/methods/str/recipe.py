@@ -140,6 +140,7 @@ class STRRecipe(RecipeMixin):
         if not 0.0 <= self.target_ramp <= 1.0:
             raise ValueError(f"target_ramp must be in [0, 1], got {self.target_ramp}")
         self._check_stop_after()
+        self._check_workers()
 
     @classmethod
     def paper(cls, name: str, **overrides: Any) -> STRRecipe:
