@@ -11,11 +11,9 @@ available or the call raises :class:`BackendUnavailableError` saying why.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import threading
-from collections.abc import Iterator
 
 import torch
 
@@ -45,16 +43,28 @@ def _validate(name: str, source: str) -> str:
 # read directly where it exists.
 _ENV_KEY = "SUBKERN_BACKEND"
 _env_data = getattr(os.environ, "_data", None)
-_env_key_bytes = (os.environ.encodekey(_ENV_KEY)  # type: ignore[attr-defined]
-                  if _env_data is not None and hasattr(os.environ, "encodekey") else None)
 _env_backend: tuple[str | None, str] = (None, "auto")
 
 
-def _env_raw() -> str | None:
-    if _env_key_bytes is not None:
-        value = _env_data.get(_env_key_bytes)
+def _env_key(name: str) -> bytes | None:
+    return (os.environ.encodekey(name)  # type: ignore[attr-defined]
+            if _env_data is not None and hasattr(os.environ, "encodekey") else None)
+
+
+def _env_read(name: str, key: bytes | None) -> str | None:
+    """``os.environ.get(name)`` in about a tenth of its time (``key``: ``_env_key(name)``)."""
+    if key is not None:
+        value = _env_data.get(key)
         return None if value is None else os.environ.decodevalue(value)  # type: ignore[attr-defined]
-    return os.environ.get(_ENV_KEY)
+    return os.environ.get(name)
+
+
+_env_key_bytes = _env_key(_ENV_KEY)
+_interpret_key_bytes = _env_key("TRITON_INTERPRET")
+
+
+def _env_raw() -> str | None:
+    return _env_read(_ENV_KEY, _env_key_bytes)
 
 
 def get_backend() -> str:
@@ -71,18 +81,27 @@ def get_backend() -> str:
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
-    """Force a backend inside a ``with`` block (thread-local): ``with use_backend("reference")``."""
-    name = _validate(name, "backend")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
-    try:
-        yield name
-    finally:
-        stack.pop()
+class use_backend:  # noqa: N801 - used as a function: ``with use_backend("reference"):``
+    """Force a backend inside a ``with`` block (thread-local): ``with use_backend("reference")``.
+
+    The ``as`` target is the validated name. A class rather than a generator-based context
+    manager: entering and leaving costs about a quarter as much, which shows on batch-1 calls.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = _validate(name, "backend")
+
+    def __enter__(self) -> str:
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self.name)
+        return self.name
+
+    def __exit__(self, *exc: object) -> None:
+        _local.stack.pop()
 
 
 def triton_importable() -> bool:
@@ -90,7 +109,7 @@ def triton_importable() -> bool:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env_read("TRITON_INTERPRET", _interpret_key_bytes) == "1"
 
 
 def unavailable_reason(backend: str, device: torch.device, op: str | None = None) -> str | None:

@@ -131,3 +131,50 @@ def test_direct_ok_refuses_subclasses_and_devices():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(x)
     assert not direct_ok(fake)
+
+
+@needs_cpp
+def test_functional_ops_take_the_direct_kernel(monkeypatch):
+    from subkern.ops import _direct
+    p = S.pack_csr(_sparse_weight(11, 24, 0.3))
+    x = torch.randn(2, 24)
+    expect = S.reference_csr_linear(x, p["row_ptr"], p["col_idx"], p["values"], 24, None)
+    calls: list[str] = []
+    real = _direct.direct_kernel
+
+    def counting(name):
+        fn = real(name)
+        return None if fn is None else (lambda *a: calls.append(name) or fn(*a))
+
+    monkeypatch.setattr(_direct, "direct_kernel", counting)
+    y = S.csr_linear(x, p["row_ptr"], p["col_idx"], p["values"], 24)
+    Y = S.csr_matmul(p["row_ptr"], p["col_idx"], p["values"], x.t().contiguous(), 24)
+    assert calls == ["csr_linear", "csr_matmul"]
+    torch.testing.assert_close(y, expect)
+    torch.testing.assert_close(Y, expect.t())
+    from subkern.backend import use_backend
+    with use_backend("reference"):                 # an explicit other backend: no direct call
+        S.csr_linear(x, p["row_ptr"], p["col_idx"], p["values"], 24)
+    assert calls == ["csr_linear", "csr_matmul"]
+
+
+@needs_cpp
+def test_functional_fast_path_keeps_the_python_errors():
+    p = S.pack_csr(_sparse_weight(11, 24, 0.3))
+    x = torch.randn(2, 24)
+    with pytest.raises(TypeError, match="values must be float32"):
+        S.csr_linear(x, p["row_ptr"], p["col_idx"], p["values"].to(torch.int32), 24)
+    with pytest.raises(ValueError, match="col_idx must be 1-D"):
+        S.csr_linear(x, p["row_ptr"], p["col_idx"][:-1], p["values"], 24)
+    with pytest.raises(ValueError, match="x must have shape"):
+        S.csr_linear(torch.randn(2, 23), p["row_ptr"], p["col_idx"], p["values"], 24)
+    with pytest.raises(TypeError, match="row_ptr must be a torch.Tensor"):
+        S.csr_linear(x, [0, 1], p["col_idx"], p["values"], 24)
+    with pytest.raises(ValueError, match="bias must be a tensor of shape"):
+        S.csr_linear(x, p["row_ptr"], p["col_idx"], p["values"], 24, torch.zeros(3))
+    with pytest.raises(ValueError, match="X must have shape"):
+        S.csr_matmul(p["row_ptr"], p["col_idx"], p["values"], torch.randn(23, 4), 24)
+    bad = p["col_idx"].clone()
+    bad[0] = 30                                    # only the kernel sees a corrupt column
+    with pytest.raises(RuntimeError, match="col_idx holds column 30"):
+        S.csr_linear(x, p["row_ptr"], bad, p["values"], 24)

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ._direct import run_op
+from ._direct import direct_first, run_op
 from .library import LIB, has_kernel, qualname
 from .ternary import WORD_BITS, pack_rows, unpack_rows, words_for
 
@@ -558,6 +558,20 @@ def _check_x(x: object, in_features: int) -> torch.Tensor:
     return x
 
 
+def _check_csr_linear_args(x: object, row_ptr: object, col_idx: object, values: object,
+                           in_features: int, bias: object
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor | None]:
+    """The checked ``(x, row_ptr, col_idx, values, bias)`` of a ``csr_linear`` call."""
+    x = _check_x(x, in_features)
+    values = _check_values(values, x.device)
+    nnz = values.shape[0]
+    row_ptr = _check_row_ptr(row_ptr, x.device, nnz)
+    col_idx = _check_col_idx(col_idx, x.device, nnz, in_features)
+    bias = _check_bias(bias, row_ptr.shape[0] - 1, x.device)
+    return x, row_ptr, col_idx, values, bias
+
+
 def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                values: torch.Tensor, in_features: int, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -572,13 +586,13 @@ def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     does.
     """
     in_features = _check_in_features(in_features)
-    x = _check_x(x, in_features)
-    values = _check_values(values, x.device)
-    nnz = values.shape[0]
-    row_ptr = _check_row_ptr(row_ptr, x.device, nnz)
-    col_idx = _check_col_idx(col_idx, x.device, nnz, in_features)
+    args = (x, row_ptr, col_idx, values, in_features, bias)
+    y = direct_first("csr_linear", x, (values, bias), args,
+                     lambda: _check_csr_linear_args(*args))
+    if y is not None:
+        return y
+    x, row_ptr, col_idx, values, bias = _check_csr_linear_args(*args)
     out = row_ptr.shape[0] - 1
-    bias = _check_bias(bias, out, x.device)
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), in_features)
     if not x2.is_contiguous():
@@ -594,6 +608,25 @@ def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     return y if flat else y.reshape(*x.shape[:-1], out)
 
 
+def _check_csr_matmul_args(row_ptr: object, col_idx: object, values: object, X: object,
+                           in_features: int, bias: object
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor | None]:
+    """The checked ``(row_ptr, col_idx, values, X, bias)`` of a ``csr_matmul`` call."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    if X.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"X must be float32, bfloat16 or float16, got {X.dtype}")
+    if X.dim() != 2 or X.shape[0] != in_features:
+        raise ValueError(f"X must have shape [{in_features}, N], got {tuple(X.shape)}")
+    values = _check_values(values, X.device)
+    nnz = values.shape[0]
+    row_ptr = _check_row_ptr(row_ptr, X.device, nnz)
+    col_idx = _check_col_idx(col_idx, X.device, nnz, in_features)
+    bias = _check_bias(bias, row_ptr.shape[0] - 1, X.device)
+    return row_ptr, col_idx, values, X, bias
+
+
 def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                X: torch.Tensor, in_features: int, bias: torch.Tensor | None = None,
                relu: bool = False) -> torch.Tensor:
@@ -607,19 +640,14 @@ def csr_matmul(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tenso
     (e.g. ``X = A[:, :N]``), other layouts are copied.
     """
     in_features = _check_in_features(in_features)
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
-    if X.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"X must be float32, bfloat16 or float16, got {X.dtype}")
-    if X.dim() != 2 or X.shape[0] != in_features:
-        raise ValueError(f"X must have shape [{in_features}, N], got {tuple(X.shape)}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
-    values = _check_values(values, X.device)
-    nnz = values.shape[0]
-    row_ptr = _check_row_ptr(row_ptr, X.device, nnz)
-    col_idx = _check_col_idx(col_idx, X.device, nnz, in_features)
-    bias = _check_bias(bias, row_ptr.shape[0] - 1, X.device)
+    args = (row_ptr, col_idx, values, X, in_features, bias, relu)
+    Y = direct_first("csr_matmul", X, (values, bias), args,
+                     lambda: _check_csr_matmul_args(*args[:-1]))
+    if Y is not None:
+        return Y
+    row_ptr, col_idx, values, X, bias = _check_csr_matmul_args(*args[:-1])
     if X.shape[1] > 1 and X.stride(1) != 1:
         X = X.contiguous()
     chosen = _backend.resolve("csr_matmul", X.device, MATMUL_BACKENDS)
