@@ -96,4 +96,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("direct_csr_matmul", without_backtrace("subkern::csr_matmul", &subkern::cpu::direct_csr_matmul),
         py::call_guard<py::gil_scoped_release>(),
         "The CPU kernel of subkern::csr_matmul without the dispatcher (inference).");
+  m.def("csr_permute_supported", &subkern::cpu::csr_permute_supported,
+        "Whether this CPU runs the permuted-chunk csr_linear kernel (AVX-512).");
+  m.def("csr_permute_slots", without_backtrace("csr_permute_slots", &subkern::cpu::csr_permute_slots),
+        py::call_guard<py::gil_scoped_release>(),
+        "Slots per (row, 32-column chunk) of the permuted-chunk layout its cost model picks; 0 "
+        "keeps the CSR kernel.");
+  m.def("csr_permute_pack", without_backtrace("csr_permute_pack", &subkern::cpu::csr_permute_pack),
+        py::call_guard<py::gil_scoped_release>(),
+        "The permuted-chunk layout of a CSR weight: [slot_idx, slot_val, res_ptr, res_col, "
+        "res_val].");
+  m.def("direct_csr_linear_permuted",
+        without_backtrace("subkern::csr_linear", &subkern::cpu::direct_csr_linear_permuted),
+        py::call_guard<py::gil_scoped_release>(),
+        "csr_linear's product (batch <= 3) from the permuted-chunk layout (inference).");
 }

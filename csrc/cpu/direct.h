@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace subkern::cpu {
 
@@ -28,5 +29,20 @@ at::Tensor direct_csr_linear(const at::Tensor& x, const at::Tensor& row_ptr,
 at::Tensor direct_csr_matmul(const at::Tensor& row_ptr, const at::Tensor& col_idx,
                              const at::Tensor& values, const at::Tensor& X, int64_t in_features,
                              const std::optional<at::Tensor>& bias, bool relu);
+
+// The permuted-chunk layout of a CSR weight (csrc/cpu/sparse_permuted.cpp): whether this CPU runs
+// it, the slot count its cost model picks (0: keep the CSR kernel), the layout, and csr_linear's
+// product from it (batch <= 3).
+bool csr_permute_supported();
+int64_t csr_permute_slots(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                          const at::Tensor& values, int64_t in_features);
+std::vector<at::Tensor> csr_permute_pack(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                         const at::Tensor& values, int64_t in_features,
+                                         int64_t slots);
+at::Tensor direct_csr_linear_permuted(const at::Tensor& x, const at::Tensor& slot_idx,
+                                      const at::Tensor& slot_val, const at::Tensor& res_ptr,
+                                      const at::Tensor& res_col, const at::Tensor& res_val,
+                                      int64_t slots, int64_t in_features, int64_t out_features,
+                                      const std::optional<at::Tensor>& bias);
 
 }  // namespace subkern::cpu

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._direct import run_op
+from ..ops._direct import direct_ok, run_op
 from ..ops.library import has_kernel
 from ..ops.sparse_linear import (
     MAX_INT16_COLUMNS,
@@ -60,7 +60,9 @@ from ..ops.sparse_linear import (
     unpack_bitmap,
     unpack_csr,
 )
+from ..ops.sparse_permuted import PERMUTED_MAX_BATCH, permuted_layout, permuted_linear
 from ..ops.ternary import words_for
+from .supermask import _version
 
 __all__ = ["SparseLinear", "SparseConv2d", "FORMATS", "CONV_FORMATS", "effective_weight",
            "fuse_relu_",
@@ -350,17 +352,48 @@ class SparseLinear(_SparseBase):
             w = self.weight
             b = None if self.bias is None else self.bias.to(w.dtype)
             return F.linear(x.to(w.dtype), w, b).to(x.dtype)
-        lead = x.shape[:-1]
-        x2 = x.reshape(math.prod(lead), self.in_features)
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
+        buffers = self._buffers  # (nn.Module.__getattr__ costs about 0.5 us per buffer)
+        values, bias = buffers["values"], buffers.get("bias")
         if self.format == "csr":
-            y = run_op("csr_linear", x2, (self.values, self.bias), x2, self.row_ptr,
-                       self.col_idx, self.values, self.in_features, self.bias)
+            y = None
+            if x2.shape[0] <= PERMUTED_MAX_BATCH and direct_ok(x2, values, bias):
+                layout = self._permuted_layout()
+                if layout is not None:
+                    y = permuted_linear(x2, layout, self.in_features, self.out_features, bias)
+            if y is None:
+                y = run_op("csr_linear", x2, (values, bias), x2, buffers["row_ptr"],
+                           buffers["col_idx"], values, self.in_features, bias)
         else:
-            y = run_op("bitmap_linear", x2, (self.values, self.bias), x2, self.bitmap,
-                       self.row_ptr, self.values, self.in_features, self.bias)
-        return y.reshape(*lead, self.out_features)
+            y = run_op("bitmap_linear", x2, (values, bias), x2, buffers["bitmap"],
+                       buffers["row_ptr"], values, self.in_features, bias)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _permuted_layout(self) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """The permuted-chunk layout of the CSR buffers (:mod:`subkern.ops.sparse_permuted`), or
+        None where the CSR kernel stays faster; built on first use and cached while
+        ``row_ptr``, ``col_idx`` and ``values`` stay the same tensors with the same versions."""
+        buffers = self._buffers  # (nn.Module.__getattr__ costs about 0.5 us per buffer)
+        rp, ci, va = buffers["row_ptr"], buffers["col_idx"], buffers["values"]
+        try:  # (the common case in one expression: this runs on every forward)
+            versions = (rp._version, ci._version, va._version)
+        except RuntimeError:  # an inference tensor among them
+            versions = (_version(rp), _version(ci), _version(va))
+        cache = self.__dict__.get("_permuted_cache")
+        if (cache is None or cache[0] is not rp or cache[1] is not ci or cache[2] is not va
+                or cache[3] != versions):
+            layout = (permuted_layout(rp, ci, va, self.in_features)
+                      if va.device.type == "cpu" else None)
+            cache = self.__dict__["_permuted_cache"] = (rp, ci, va, versions, layout)
+        return cache[4]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_permuted_cache", None)   # a cache: not pickled / deep-copied
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
