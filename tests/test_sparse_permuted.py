@@ -106,7 +106,7 @@ def test_sparse_linear_uses_and_refreshes_the_layout():
     x = torch.randn(1, 200)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, w, bias), rtol=1e-4, atol=1e-4)
-        assert layer.__dict__["_permuted_cache"][4] is not None
+        assert layer._permuted_layout() is not None
         layer.values.mul_(2.0)                           # in place: the cache is rebuilt
         torch.testing.assert_close(layer(x), F.linear(x, 2 * w, bias), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(layer(x.expand(3, 200)), F.linear(x, 2 * w, bias).expand(3, 300),

@@ -62,7 +62,7 @@ from ..ops.sparse_linear import (
 )
 from ..ops.sparse_permuted import PERMUTED_MAX_BATCH, permuted_layout, permuted_linear
 from ..ops.ternary import words_for
-from .supermask import _version
+from ._tensor_cache import cached_on
 
 __all__ = ["SparseLinear", "SparseConv2d", "FORMATS", "CONV_FORMATS", "effective_weight",
            "fuse_relu_",
@@ -378,17 +378,8 @@ class SparseLinear(_SparseBase):
         ``row_ptr``, ``col_idx`` and ``values`` stay the same tensors with the same versions."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs about 0.5 us per buffer)
         rp, ci, va = buffers["row_ptr"], buffers["col_idx"], buffers["values"]
-        try:  # (the common case in one expression: this runs on every forward)
-            versions = (rp._version, ci._version, va._version)
-        except RuntimeError:  # an inference tensor among them
-            versions = (_version(rp), _version(ci), _version(va))
-        cache = self.__dict__.get("_permuted_cache")
-        if (cache is None or cache[0] is not rp or cache[1] is not ci or cache[2] is not va
-                or cache[3] != versions):
-            layout = (permuted_layout(rp, ci, va, self.in_features)
-                      if va.device.type == "cpu" else None)
-            cache = self.__dict__["_permuted_cache"] = (rp, ci, va, versions, layout)
-        return cache[4]
+        return cached_on(self, "_permuted_cache", (rp, ci, va), lambda: (
+            permuted_layout(rp, ci, va, self.in_features) if va.device.type == "cpu" else None))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

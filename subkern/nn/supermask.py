@@ -42,6 +42,7 @@ from ..ops.ternary import (
     unpack_ternary,
     words_for,
 )
+from ._tensor_cache import cached_on
 from .init import check_seed, seeded_signs
 
 __all__ = ["SupermaskLinear", "SupermaskConv2d", "subnet_weight_and_mask", "SIGN_MODES",
@@ -165,15 +166,6 @@ def _register_packed_buffers(module: nn.Module, rows: int, fan_in: int, bias: bo
         module.bias = None
 
 
-def _version(t: torch.Tensor) -> int:
-    """The in-place version counter of ``t`` (-1 for inference tensors, which have none: they
-    can only change inside ``torch.inference_mode``)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
 class _SupermaskBase(nn.Module):
     """Sign modes, packing from a trained layer and the prepacked cache (shared)."""
 
@@ -224,22 +216,14 @@ class _SupermaskBase(nn.Module):
         cached while the bits and the scale stay the same tensors with the same versions."""
         buffers = self._buffers  # (nn.Module.__getattr__ costs about 0.5 us per buffer)
         mb, sb, sc = buffers["mask_bits"], buffers["sign_bits"], buffers["scale"]
-        try:  # (the common case in one expression: this runs on every forward)
-            versions = (mb._version, sb._version, sc._version)
-        except RuntimeError:  # an inference tensor among them
-            versions = (_version(mb), _version(sb), _version(sc))
-        cache = self.__dict__.get("_prepacked_cache")
-        if (cache is None or cache[0] is not mb or cache[1] is not sb or cache[2] is not sc
-                or cache[3] != versions):
-            cache = (mb, sb, sc, versions, float(sc), {})
-            self.__dict__["_prepacked_cache"] = cache
-        packed = cache[5].get(group)
+        scale, packs = cached_on(self, "_prepacked_cache", (mb, sb, sc), lambda: (float(sc), {}))
+        packed = packs.get(group)
         if packed is None:
             _, fan_in = self._rows_and_fan_in()
             if rows is not None:
                 mb, sb = mb[rows], sb[rows]
-            packed = cache[5][group] = ternary_prepack(mb, sb, fan_in)
-        return packed, cache[4]
+            packed = packs[group] = ternary_prepack(mb, sb, fan_in)
+        return packed, scale
 
     def _apply_bits(self, x: torch.Tensor, group: int = 0, rows: slice | None = None
                     ) -> torch.Tensor:
