@@ -91,6 +91,8 @@ def test_cost_model_choices():
     p90 = pack_csr(_weight(3072, 768, 0.10))
     slots = _C.csr_permute_slots(p90["row_ptr"], p90["col_idx"], p90["values"], 768)
     assert slots > 0 and slots % 4 == 0                 # 90 % sparse: gathers dominate
+    b90 = pack_csr(_weight(3072, 768, 0.10), value_dtype=torch.bfloat16)   # fp32 slots: 2x bytes
+    assert _C.csr_permute_slots(b90["row_ptr"], b90["col_idx"], b90["values"], 768) == 0
     p98 = pack_csr(_weight(3072, 768, 0.02))
     assert permuted_layout(p98["row_ptr"], p98["col_idx"], p98["values"], 768) is None
     empty = pack_csr(torch.zeros(8, 40))

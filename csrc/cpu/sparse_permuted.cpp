@@ -255,7 +255,7 @@ int64_t csr_permute_slots(const at::Tensor& row_ptr, const at::Tensor& col_idx,
   const std::vector<int32_t> counts = chunk_counts(rp, ci, nchunks);
   const Model csr = model(counts, out, nchunks, 0);
   const double csr_bytes = static_cast<double>(values.size(0)) *
-                               (4.0 + static_cast<double>(ci.element_size())) +
+                               static_cast<double>(values.element_size() + ci.element_size()) +
                            static_cast<double>(out + 1) * 8.0;
   int64_t best = 0;
   double best_cost = csr.cost * kMaxCostShare;
