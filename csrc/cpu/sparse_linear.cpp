@@ -1052,21 +1052,11 @@ at::Tensor add_bias_and_cast(at::Tensor y, const std::optional<at::Tensor>& bias
   return dtype == at::kFloat ? y : y.to(dtype);
 }
 
-void check_x(const at::Tensor& x, int64_t in_features, const char* op) {
-  TORCH_CHECK(x.device().is_cpu(), op, " (CPU): x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [batch, in_features], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                  x.scalar_type() == at::kHalf,
-              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(in_features >= 0 && x.size(1) == in_features, op, ": x has ", x.size(1),
-              " columns but in_features is ", in_features);
-}
-
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, const at::Tensor& values,
                           int64_t in_features, const std::optional<at::Tensor>& bias) {
   const char* op = "subkern::csr_linear";
-  check_x(x, in_features, op);
+  check_float_input_2d(x, in_features, op);
   IdxT it;
   ValT vt;
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous(),
@@ -1142,7 +1132,7 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmap,
                              const at::Tensor& row_ptr, const at::Tensor& values,
                              int64_t in_features, const std::optional<at::Tensor>& bias) {
   const char* op = "subkern::bitmap_linear";
-  check_x(x, in_features, op);
+  check_float_input_2d(x, in_features, op);
   const int64_t W = (in_features + kWordBits - 1) / kWordBits;
   TORCH_CHECK(bitmap.device().is_cpu() && bitmap.scalar_type() == at::kLong &&
                   bitmap.dim() == 2 && bitmap.size(1) == W,
