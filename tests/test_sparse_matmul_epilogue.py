@@ -89,6 +89,33 @@ def test_cpp_epilogue_half(value_dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("batch", [4, 7, 15, 64, 65, 130, 300])
+def test_cpp_column_blocks(cpu_isa, batch):
+    """The SpMM's column-blocked X: batches of 4-15 padded to a 16-float block, whole and ragged
+    64-column blocks, and several groups of blocks per pass of the weight (in = 2000: 512 KB
+    per block, two blocks per group), through csr_linear (transposed into blocks) and csr_matmul
+    (staged from a strided, a contiguous and a bfloat16 X)."""
+    out, inp = 37, 2000
+    w = sparse_weight(out, inp, 0.05, seed=batch)
+    x, bias = torch.randn(batch, inp), torch.randn(out)
+    p = S.pack_csr(w)
+    ref = F.linear(x.double(), w.double(), bias.double())
+    atol = 1e-4 * inp ** 0.5
+    with use_backend("cpp"):
+        y = S.csr_linear(x, *args(p), inp, bias)
+        torch.testing.assert_close(y.double(), ref, atol=atol, rtol=1e-4)
+        wide = torch.randn(inp, batch + 9)
+        wide[:, 3:3 + batch] = x.t()
+        for X in (x.t().contiguous(), wide[:, 3:3 + batch]):
+            ym = S.csr_matmul(*args(p), X, inp, bias, True)
+            torch.testing.assert_close(ym.double(), torch.relu(ref.t()), atol=atol, rtol=1e-4)
+        yh = S.csr_matmul(*args(p), x.t().to(torch.bfloat16), inp, bias)
+    xq = x.to(torch.bfloat16).double()
+    torch.testing.assert_close(yh.double(), F.linear(xq, w.double(), bias.double()).t(),
+                               atol=0.1, rtol=2e-2)
+
+
+@needs_cpp
 def test_strided_X_is_read_in_place_and_transposed_X_copied():
     w = sparse_weight(17, 50, 0.3, seed=1)
     p = S.pack_csr(w)
