@@ -40,12 +40,14 @@ inline void check_float_input_2d(const at::Tensor& x, int64_t in_features, const
               " columns but in_features is ", in_features);
 }
 
-// The optional bias, checked to be a CPU tensor of shape [out], as a contiguous float32 tensor
+// The optional bias, checked to be a floating CPU tensor of shape [out], as a contiguous float32 tensor
 // (an undefined tensor when there is none).
 inline at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t out, const char* op) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out, op,
               ": bias must be a CPU tensor of shape [", out, "], got ", bias->sizes());
+  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ",
+              bias->scalar_type());
   return bias->to(at::kFloat).contiguous();
 }
 

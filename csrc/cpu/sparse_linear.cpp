@@ -61,6 +61,7 @@
 
 #include "cpu/common.h"
 #include "cpu/cpu_features.h"
+#include "cpu/csr_checks.h"
 #include "cpu/direct.h"
 #include "cpu/topk_select.h"
 
@@ -1002,22 +1003,6 @@ int64_t thread_count(int64_t work, int64_t out) {
   return std::max<int64_t>(1, std::min({requested, by_work, out}));
 }
 
-void check_row_ptr(const at::Tensor& row_ptr, int64_t nnz, const char* op) {
-  TORCH_CHECK(row_ptr.device().is_cpu(), op, " (CPU): row_ptr must be a CPU tensor");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) >= 1,
-              op, ": row_ptr must be int64 [out_features + 1], got ", row_ptr.scalar_type(), " ",
-              row_ptr.sizes());
-  const at::Tensor rp = row_ptr.contiguous();
-  const int64_t* p = rp.data_ptr<int64_t>();
-  const int64_t out = rp.size(0) - 1;
-  TORCH_CHECK(p[0] == 0, op, ": row_ptr[0] must be 0, got ", p[0]);
-  TORCH_CHECK(p[out] == nnz, op, ": row_ptr[-1] must equal nnz = ", nnz, ", got ", p[out]);
-  for (int64_t o = 0; o < out; ++o) {
-    TORCH_CHECK(p[o + 1] >= p[o], op, ": row_ptr must be non-decreasing, but row_ptr[", o + 1,
-                "] = ", p[o + 1], " < row_ptr[", o, "] = ", p[o]);
-  }
-}
-
 Csr make_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
              int64_t in_features, const char* op, IdxT& it, ValT& vt) {
   TORCH_CHECK(values.device().is_cpu() && col_idx.device().is_cpu(), op,
@@ -1036,7 +1021,7 @@ Csr make_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Ten
                 col_idx.scalar_type());
     it = IdxT::I32;
   }
-  check_row_ptr(row_ptr, nnz, op);
+  check_csr_row_ptr(row_ptr, nnz, op);
   TORCH_CHECK(nnz == 0 || in_features > 0, op, ": ", nnz,
               " nonzeros but in_features is 0 (every column index is out of range)");
   return Csr{row_ptr.data_ptr<int64_t>(), col_idx.data_ptr(), values.data_ptr(),
@@ -1129,25 +1114,10 @@ void run_spmv(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, float* 
   (void)isa;
 }
 
-// The bias as a contiguous float32 [out] tensor (undefined when absent), validated.
-at::Tensor bias_f32(const std::optional<at::Tensor>& bias, int64_t out, const char* op) {
-  if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out, op,
-              ": bias must be a CPU tensor of shape [", out, "], got ", bias->sizes());
-  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ",
-              bias->scalar_type());
-  return bias->to(at::kFloat).contiguous();
-}
-
 at::Tensor add_bias_and_cast(at::Tensor y, const std::optional<at::Tensor>& bias,
                              at::ScalarType dtype, const char* op) {
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == y.size(1), op,
-                ": bias must be a CPU tensor of shape [", y.size(1), "], got ", bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op,
-                ": bias must be floating point, got ", bias->scalar_type());
-    y.add_(bias->to(at::kFloat).unsqueeze(0));
-  }
+  const at::Tensor b32 = float_bias(bias, y.size(1), op);
+  if (b32.defined()) y.add_(b32.unsqueeze(0));
   return dtype == at::kFloat ? y : y.to(dtype);
 }
 
@@ -1165,7 +1135,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   const int64_t nnz = va.size(0);
   if (B > kSpmvMaxBatch && w.out > 0 && nnz > 0) {
     // SpMM on the transposed activation, bias fused into the kernel's epilogue
-    const at::Tensor b32 = bias_f32(bias, w.out, op);
+    const at::Tensor b32 = float_bias(bias, w.out, op);
     ColGuard guard;
     const at::Tensor xf = x.to(at::kFloat).contiguous();                 // [B, in]
     at::Tensor xT = at::empty({blocked_numel(in_features, B)}, xf.options());  // blocked [in, B]
@@ -1205,7 +1175,7 @@ at::Tensor csr_matmul_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx,
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous(),
                    va = values.contiguous();
   const Csr w = make_csr(rp, ci, va, in_features, op, it, vt);
-  const at::Tensor b32 = bias_f32(bias, w.out, op);
+  const at::Tensor b32 = float_bias(bias, w.out, op);
   const int64_t N = X.size(1);
   const int64_t nnz = va.size(0);
   if (N == 0 || w.out == 0 || nnz == 0) {  // Y = relu?(0 + bias)
@@ -1251,7 +1221,7 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmap,
               ": values must be a 1-D CPU tensor [nnz], got ", values.sizes());
   const ValT vt = value_type(values, op);
   const int64_t out = bitmap.size(0), nnz = values.size(0);
-  check_row_ptr(row_ptr, nnz, op);
+  check_csr_row_ptr(row_ptr, nnz, op);
   TORCH_CHECK(row_ptr.size(0) == out + 1, op, ": row_ptr must have ", out + 1,
               " entries (one per bitmap row + 1), got ", row_ptr.size(0));
   const at::Tensor bm = bitmap.contiguous(), rp = row_ptr.contiguous(), va = values.contiguous();

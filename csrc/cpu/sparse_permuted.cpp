@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/csr_checks.h"
 #include "cpu/direct.h"
 #include "cpu/topk_select.h"
 
@@ -60,36 +61,18 @@ constexpr int64_t kMinWorkPerThread = int64_t(1) << 12;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-uint32_t column_at(const at::Tensor& col, int64_t j) {
-  return col.scalar_type() == at::kShort
-             ? static_cast<uint32_t>(static_cast<uint16_t>(col.data_ptr<int16_t>()[j]))
-             : static_cast<uint32_t>(col.data_ptr<int32_t>()[j]);
-}
-
 void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                int64_t in_features, const char* op) {
-  TORCH_CHECK(row_ptr.device().is_cpu() && col_idx.device().is_cpu() && values.device().is_cpu(),
-              op, ": the CSR tensors must be on the CPU");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) >= 1,
-              op, ": row_ptr must be int64 [out_features + 1], got ", row_ptr.sizes());
+  TORCH_CHECK(col_idx.device().is_cpu() && values.device().is_cpu(), op,
+              ": the CSR tensors must be on the CPU");
   TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
   TORCH_CHECK(col_idx.dim() == 1 && col_idx.size(0) == values.size(0), op,
               ": col_idx must be 1-D like values, got ", col_idx.sizes());
   TORCH_CHECK(col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt, op,
               ": col_idx must be int16 or int32, got ", col_idx.scalar_type());
   TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
-  const int64_t* p = row_ptr.data_ptr<int64_t>();
-  const int64_t out = row_ptr.size(0) - 1;
-  TORCH_CHECK(p[0] == 0 && p[out] == values.size(0), op,
-              ": row_ptr must start at 0 and end at nnz");
-  for (int64_t o = 0; o < out; ++o) {
-    TORCH_CHECK(p[o + 1] >= p[o], op, ": row_ptr must be non-decreasing at row ", o);
-    for (int64_t j = p[o]; j < p[o + 1]; ++j) {
-      TORCH_CHECK(static_cast<int64_t>(column_at(col_idx, j)) < in_features, op,
-                  ": col_idx holds column ", column_at(col_idx, j), " but in_features is ",
-                  in_features, " (corrupt sparse weight)");
-    }
-  }
+  check_csr_row_ptr(row_ptr, values.size(0), op);
+  check_csr_columns(col_idx, in_features, op);
 }
 
 // counts[o * nchunks + c] = nonzeros of row o in chunk c.
@@ -99,7 +82,7 @@ std::vector<int32_t> chunk_counts(const at::Tensor& row_ptr, const at::Tensor& c
   const int64_t out = row_ptr.size(0) - 1;
   std::vector<int32_t> counts(static_cast<size_t>(out * nchunks), 0);
   for (int64_t o = 0; o < out; ++o) {
-    for (int64_t j = p[o]; j < p[o + 1]; ++j) ++counts[o * nchunks + column_at(col_idx, j) / kChunk];
+    for (int64_t j = p[o]; j < p[o + 1]; ++j) ++counts[o * nchunks + csr_column(col_idx, j) / kChunk];
   }
   return counts;
 }
@@ -295,7 +278,7 @@ std::vector<at::Tensor> csr_permute_pack(const at::Tensor& row_ptr, const at::Te
     const int64_t q = o / kRows, r = o % kRows;
     int64_t c_prev = -1, k = 0;   // k: the nonzero's rank within its (row, chunk)
     for (int64_t j = p[o]; j < p[o + 1]; ++j) {
-      const int64_t col = column_at(ci, j);
+      const int64_t col = csr_column(ci, j);
       const int64_t c = col / kChunk;
       k = c == c_prev ? k + 1 : 0;
       c_prev = c;

@@ -360,13 +360,14 @@ class SparseLinear(_SparseBase):
         values, bias = buffers["values"], buffers.get("bias")
         if self.format == "csr":
             y = None
-            if x2.shape[0] <= PERMUTED_MAX_BATCH and direct_ok(x2, values, bias):
+            ok = x2.shape[0] <= PERMUTED_MAX_BATCH and direct_ok(x2, values, bias)
+            if ok:
                 layout = self._permuted_layout()
                 if layout is not None:
                     y = permuted_linear(x2, layout, self.in_features, self.out_features, bias)
             if y is None:
                 y = run_op("csr_linear", x2, (values, bias), x2, buffers["row_ptr"],
-                           buffers["col_idx"], values, self.in_features, bias)
+                           buffers["col_idx"], values, self.in_features, bias, known_ok=ok)
         else:
             y = run_op("bitmap_linear", x2, (values, bias), x2, buffers["bitmap"],
                        buffers["row_ptr"], values, self.in_features, bias)

@@ -71,12 +71,14 @@ def _call_op(op, *args):
         return op(*args)
 
 
-def run_op(name: str, x: torch.Tensor, params: tuple[torch.Tensor | None, ...], *args):
+def run_op(name: str, x: torch.Tensor, params: tuple[torch.Tensor | None, ...], *args,
+           known_ok: bool = False):
     """``subkern::<name>(*args)``: the direct C++ kernel when ``direct_ok(x, *params)`` (``x``:
     the activation, ``params``: the weight tensors that may need gradients) and the extension has
-    one, else the registered op."""
+    one, else the registered op. ``known_ok=True``: the caller has just found ``direct_ok`` true
+    for the same call (it is not evaluated again)."""
     direct = direct_kernel(name)
-    if direct is not None and direct_ok(x, *params):
+    if direct is not None and (known_ok or direct_ok(x, *params)):
         return direct(*args)
     return _call_op(getattr(torch.ops.subkern, name).default, *args)
 
