@@ -196,6 +196,34 @@ def test_cpp_large_multithreaded_and_wide_columns(cpu_isa):
             torch.testing.assert_close(y.double(), dense(xw, wide), atol=1e-3, rtol=1e-5)
 
 
+@needs_cpp
+@pytest.mark.parametrize("batch", [3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_small_batch_lanes(cpu_isa, batch, value_dtype):
+    """Batches 3-8 take the lane-packed SpMM on AVX-512 (4 or 8 activations per nonzero in one
+    zmm): rows of 0-40 nonzeros (every remainder modulo 2 and 4), both index widths, bias,
+    half-precision x, and a row whose columns are all the last one."""
+    out, inp = 41, 300
+    g = torch.Generator().manual_seed(batch)
+    w = torch.zeros(out, inp)
+    for o in range(out):
+        cols = torch.randperm(inp, generator=g)[: o if o < 21 else 40]
+        w[o, cols] = torch.randn(len(cols), generator=g)
+    w[7] = 0
+    w[7, inp - 1] = 2.5
+    wq = w.to(value_dtype).float()
+    x, bias = torch.randn(batch, inp, generator=g), torch.randn(out, generator=g)
+    with use_backend("cpp"):
+        for index_dtype in (torch.int16, torch.int32):
+            p = S.pack_csr(w, index_dtype, value_dtype=value_dtype)
+            y = S.csr_linear(x, *csr_args(p), inp, bias)
+            torch.testing.assert_close(y.double(), dense(x, wq, bias), atol=tol(inp), rtol=1e-5)
+        yh = S.csr_linear(x.to(torch.bfloat16), *csr_args(p), inp)
+    assert yh.dtype == torch.bfloat16
+    torch.testing.assert_close(yh.double(), dense(x.to(torch.bfloat16).float(), wq), atol=0.1,
+                               rtol=2e-2)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_activations(backend, dtype):

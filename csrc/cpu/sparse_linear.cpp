@@ -78,6 +78,11 @@ namespace {
 // Batch sizes up to this run the gather SpMV (its gathers scale with the batch); larger ones the
 // transposed SpMM (measured: SpMV wins at batch 2 and 3, ties at 4, on AVX-512).
 constexpr int64_t kSpmvMaxBatch = 3;
+// On AVX-512, batches in [kLanesMinBatch, kLanesMaxBatch] run the lane-packed SpMM instead
+// (measured, 2 threads, 10 % dense: 3072x768 batch 4 70-75 us against 160-190 us for the
+// 16-column SpMM; 4096x11008 batch 3-4 1.6-1.7x; batch 2 ties with the gather SpMV).
+constexpr int64_t kLanesMinBatch = 3;
+constexpr int64_t kLanesMaxBatch = 8;
 // Calls with less work (nonzeros x batch) than this per thread use fewer threads (a fork-join of
 // torch's intra-op threads costs about 2.5 us; 2^14 nonzeros take 5-7 us at batch 1).
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 14;
@@ -590,6 +595,115 @@ SK_S_AVX512 void spmm_avx512(const Csr& w, const XView& X, float* Y, int64_t ldy
   }
 }
 
+// Lane-packed SpMM for batches of 2-8 (csr_linear): x is transposed to xT [in, BP] (BP = 4 or 8
+// floats per input feature, the batch padded with zeros) so that one zmm holds the activations of
+// P = 16 / BP nonzeros: P loads of BP floats (vinsertf32x4 / vinsertf32x8), the P values spread
+// over their lanes by one vpermps, one FMA. The 16-column SpMM spends a whole zmm per nonzero
+// whatever the batch (4 of 16 lanes at batch 4), and the gather SpMV one 16-wide gather per batch
+// row and 16 nonzeros; here the work per nonzero falls with the batch.
+template <ValT V, int P>
+SK_S_AVX512 inline __m128 load_values_packed(const void* val, int64_t j) {
+  static_assert(P == 2 || P == 4, "2 or 4 values");
+  if constexpr (V == ValT::F32) {
+    const float* v = static_cast<const float*>(val) + j;
+    if constexpr (P == 4) {
+      return _mm_loadu_ps(v);
+    } else {
+      double d;
+      std::memcpy(&d, v, 8);
+      return _mm_castpd_ps(_mm_set_sd(d));
+    }
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(val) + j;
+    __m128i raw;
+    if constexpr (P == 4) {
+      int64_t t;
+      std::memcpy(&t, h, 8);
+      raw = _mm_cvtsi64_si128(t);
+    } else {
+      int32_t t;
+      std::memcpy(&t, h, 4);
+      raw = _mm_cvtsi32_si128(t);
+    }
+    if constexpr (V == ValT::BF16) {
+      return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm_cvtph_ps(raw);
+    }
+  }
+}
+
+// The BP activations of the P = 16 / BP nonzeros j .. j + P - 1, one per 512 / P bits.
+template <IdxT I, int BP>
+SK_S_AVX512 inline __m512 load_rows_packed(const void* col, int64_t j, const float* xT) {
+  if constexpr (BP == 4) {
+    __m512 v = _mm512_castps128_ps512(
+        _mm_loadu_ps(xT + static_cast<int64_t>(index_at<I>(col, j)) * 4));
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(xT + static_cast<int64_t>(index_at<I>(col, j + 1)) * 4),
+                           1);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(xT + static_cast<int64_t>(index_at<I>(col, j + 2)) * 4),
+                           2);
+    return _mm512_insertf32x4(
+        v, _mm_loadu_ps(xT + static_cast<int64_t>(index_at<I>(col, j + 3)) * 4), 3);
+  } else {
+    const __m512 v = _mm512_castps256_ps512(
+        _mm256_loadu_ps(xT + static_cast<int64_t>(index_at<I>(col, j)) * 8));
+    return _mm512_insertf32x8(
+        v, _mm256_loadu_ps(xT + static_cast<int64_t>(index_at<I>(col, j + 1)) * 8), 1);
+  }
+}
+
+// Rows [r0, r1) (column indices checked by the caller) for batch rows [0, B), B <= BP:
+// y[b * ldy + o] = sum_j v_j xT[c_j * BP + b] + bias[o].
+template <ValT V, IdxT I, int BP>
+SK_S_AVX512 void spmm_lanes_avx512(const Csr& w, const float* xT, int64_t B, float* y,
+                                   int64_t ldy, int64_t r0, int64_t r1, const float* bias) {
+  constexpr int P = 16 / BP;
+  constexpr int U = 4;   // independent partial sums (FMA latency)
+  alignas(64) int32_t slot_of_lane[16];
+  for (int l = 0; l < 16; ++l) slot_of_lane[l] = l / BP;
+  const __m512i spread = _mm512_load_si512(slot_of_lane);
+  const void* col = w.col;
+  const void* val = w.val;
+  for (int64_t o = r0; o < r1; ++o) {
+    const int64_t s = w.row_ptr[o], e = w.row_ptr[o + 1];
+    __m512 acc[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
+    int64_t j = s;
+    for (; j + U * P <= e; j += U * P) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m512 xv = load_rows_packed<I, BP>(col, j + u * P, xT);
+        const __m512 vv = _mm512_permutexvar_ps(
+            spread, _mm512_castps128_ps512(load_values_packed<V, P>(val, j + u * P)));
+        acc[u] = _mm512_fmadd_ps(vv, xv, acc[u]);
+      }
+    }
+    for (; j + P <= e; j += P) {
+      const __m512 xv = load_rows_packed<I, BP>(col, j, xT);
+      const __m512 vv = _mm512_permutexvar_ps(
+          spread, _mm512_castps128_ps512(load_values_packed<V, P>(val, j)));
+      acc[0] = _mm512_fmadd_ps(vv, xv, acc[0]);
+    }
+    const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    alignas(32) float sum[8];
+    if constexpr (BP == 4) {
+      _mm_store_ps(sum, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    } else {
+      _mm256_store_ps(sum, h);
+    }
+    for (; j < e; ++j) {   // the last nonzeros of the row (fewer than P)
+      const float v = value_at_avx512<V>(val, j);
+      const float* xr = xT + static_cast<int64_t>(index_at<I>(col, j)) * BP;
+      for (int b = 0; b < BP; ++b) sum[b] += v * xr[b];
+    }
+    const float bo = bias == nullptr ? 0.f : bias[o];
+    for (int64_t b = 0; b < B; ++b) y[b * ldy + o] = sum[b] + bo;
+  }
+}
+
 // Bitmap rows [r0, r1) x batch rows [b0, b0 + NB): vexpandps of the values under each 16-bit
 // chunk of the row's bitmap.
 template <ValT V, int NB>
@@ -1081,6 +1195,40 @@ void run_spmm(const Csr& w, ValT vt, IdxT it, const XView& X, float* Y, int64_t 
   (void)isa;
 }
 
+#if SUBKERN_SPARSE_X86
+// y [B, out] (written, every entry of the rows whose columns are in range) for 2 <= B <= 8 with the
+// lane-packed AVX-512 SpMM: x [B, in] (contiguous float32) transposed once into xT [in, BP].
+void run_spmm_lanes(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, float* y,
+                    ColGuard& guard, const float* bias) {
+  const int64_t BP = B <= 4 ? 4 : 8;
+  const int64_t in = w.in;
+  std::vector<float> xT(static_cast<size_t>(in * BP), 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * in;
+    float* dst = xT.data() + b;
+    for (int64_t c = 0; c < in; ++c) dst[c * BP] = xb[c];
+  }
+  const int64_t nnz = w.row_ptr[w.out];
+  const int64_t nthreads = thread_count((nnz + kRowCost * w.out) * BP / 4, w.out);
+  const std::vector<int64_t> bounds = balanced_rows(w.row_ptr, w.out, nthreads);
+  with_types(vt, it, [&](auto vtag, auto itag) {
+    constexpr ValT V = decltype(vtag)::value;
+    constexpr IdxT I = decltype(itag)::value;
+    intraop_tasks(nthreads, [&](int64_t t) {
+      const int64_t r0 = bounds[t], r1 = bounds[t + 1];
+      const uint32_t mx = max_index<I>(w.col, w.row_ptr[r0], w.row_ptr[r1]);
+      guard.report(mx);
+      if (mx >= static_cast<uint64_t>(in)) return;
+      if (BP == 4) {
+        spmm_lanes_avx512<V, I, 4>(w, xT.data(), B, y, w.out, r0, r1, bias);
+      } else {
+        spmm_lanes_avx512<V, I, 8>(w, xT.data(), B, y, w.out, r0, r1, bias);
+      }
+    });
+  });
+}
+#endif
+
 void run_spmv(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, float* y,
               ColGuard& guard) {
   const int64_t nnz = w.row_ptr[w.out];
@@ -1133,6 +1281,19 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   const Csr w = make_csr(rp, ci, va, in_features, op, it, vt);
   const int64_t B = x.size(0);
   const int64_t nnz = va.size(0);
+#if SUBKERN_SPARSE_X86
+  if (B >= kLanesMinBatch && B <= kLanesMaxBatch && w.out > 0 && nnz > 0 &&
+      active_isa() == Isa::Avx512Vpopcnt) {
+    const at::Tensor b32 = float_bias(bias, w.out, op);
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({B, w.out}, xf.options());
+    ColGuard guard;
+    run_spmm_lanes(w, vt, it, xf.data_ptr<float>(), B, y.data_ptr<float>(), guard,
+                   b32.defined() ? b32.data_ptr<float>() : nullptr);
+    check_cols(guard, nnz, in_features, op);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+#endif
   if (B > kSpmvMaxBatch && w.out > 0 && nnz > 0) {
     // SpMM on the transposed activation, bias fused into the kernel's epilogue
     const at::Tensor b32 = float_bias(bias, w.out, op);
