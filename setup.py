@@ -12,6 +12,7 @@ Switches (environment variables):
                                  failed build an error; ``auto`` (default) tries and falls back.
 ``SUBKERN_BUILD_CUDA=auto|0|1``  the same for the CUDA part of the extension.
 ``TORCH_CUDA_ARCH_LIST``         honoured by torch's extension tools (e.g. ``"8.0;9.0"``).
+``SUBKERN_CXXFLAGS``             extra host compiler flags, appended to the defaults.
 
 Install with ``pip install --no-build-isolation -e .`` so the extension is built against the torch
 already installed; a build against another torch is refused at import time with a warning.
@@ -78,7 +79,10 @@ def _extensions(with_cuda: bool):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/_C.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # SUBKERN_CXXFLAGS: extra host compiler flags, appended (e.g. to try another visibility or
+    # unwind-table setting on a toolchain: benchmarks/exception_probe.py)
     cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx += os.environ.get("SUBKERN_CXXFLAGS", "").split()
     import torch
 
     macros = [("SUBKERN_TORCH_VERSION", torch.__version__)]

@@ -6,6 +6,8 @@
 # 1. builds subkern._C with the CUDA kernels
 #    (SUBKERN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .), for the local GPU's
 #    architecture unless TORCH_CUDA_ARCH_LIST is set;
+# 1b. runs benchmarks/exception_probe.py (does a C++ error raised inside subkern._C reach Python
+#    as RuntimeError, path by path, or crash the process; native backtraces of a crash);
 # 2. prints `subkern info`;
 # 3. runs the GPU tests and the Triton tests compiled for the GPU in one pytest run
 #    (pytest tests/ -k "gpu or triton", in parallel with pytest-xdist;
@@ -105,6 +107,12 @@ write_summary() {
             cat "$OUT/info.txt"
             echo '```'
         fi
+        if [ -s "$OUT/exception_probe.txt" ]; then
+            echo
+            echo "## exception probe"
+            echo
+            grep -E '^- ' "$OUT/exception_probe.txt"
+        fi
         for tests in pytest_gpu; do
             if [ -s "$OUT/$tests.txt" ]; then
                 echo
@@ -185,6 +193,14 @@ sys.exit(0 if ok else 1)
     fi
 fi
 [ "$BUILD_OK" -eq 1 ] || fail "build of the CUDA extension failed (see build.txt)"
+
+# --- 1b. exception probe: where a TORCH_CHECK raised inside subkern._C goes (one subprocess per
+# path; a crash leaves its native backtrace in exception_probe.txt) ---------------------------
+if [ "$BUILD_OK" -eq 1 ]; then
+    QUIET=1 run_step exception-probe "$OUT/exception_probe_log.txt" \
+        "$PY" benchmarks/exception_probe.py --out "$OUT/exception_probe.txt" \
+        || fail "a C++ error crashed the process (see exception_probe.txt)"
+fi
 
 # --- 2. info ---------------------------------------------------------------------------------
 run_step info "$OUT/info.txt" "$PY" -m subkern.cli info || fail "subkern info failed"

@@ -6,9 +6,16 @@
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <csignal>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <execinfo.h>
+#include <unistd.h>
+#endif
 
 #include "cpu/cpu_features.h"
 #include "cpu/direct.h"
@@ -53,6 +60,17 @@ py::dict build_info() {
   info["compiled_cpu_isas"] = isas;
   info["cpu_features"] = subkern::cpu::detected_features();
   info["active_cpu_isa"] = std::string(subkern::cpu::isa_name(subkern::cpu::active_isa()));
+  // facts that decide whether C++ exceptions cross into torch and pybind11 cleanly
+  info["pybind11_version"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
+                             std::to_string(PYBIND11_VERSION_MINOR) + "." +
+                             std::to_string(PYBIND11_VERSION_PATCH);
+  info["pybind11_internals_id"] = std::string(PYBIND11_INTERNALS_ID);
+#if defined(_GLIBCXX_USE_CXX11_ABI)
+  info["glibcxx_cxx11_abi"] = static_cast<int>(_GLIBCXX_USE_CXX11_ABI);
+#endif
+#if defined(_GLIBCXX_RELEASE)
+  info["glibcxx_release"] = static_cast<int>(_GLIBCXX_RELEASE);
+#endif
   return info;
 }
 
@@ -71,6 +89,43 @@ auto without_backtrace(const char* name, R (*fn)(Args...)) {
   };
 }
 
+#if defined(__linux__)
+// Diagnostics (benchmarks/exception_probe.py): on SIGSEGV / SIGBUS / SIGILL / SIGABRT, write the
+// native stack (glibc backtrace: return addresses with their object files and nearest exported
+// symbols) to stderr, then die of the same signal with the default action.
+void crash_backtrace(int sig) {
+  const char* head = "\n[subkern crash handler] native backtrace:\n";
+  ssize_t unused = write(STDERR_FILENO, head, std::strlen(head));
+  (void)unused;
+  void* frames[64];
+  const int n = backtrace(frames, 64);
+  backtrace_symbols_fd(frames, n, STDERR_FILENO);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+#endif
+
+bool install_crash_handler() {
+#if defined(__linux__)
+  void* warm[1];
+  backtrace(warm, 1);   // loads libgcc_s now, not inside the signal handler
+  for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGABRT}) std::signal(sig, crash_backtrace);
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Raises one TORCH_CHECK error from this extension (the probe's control case without any kernel).
+void raise_torch_check(bool catch_here) {
+  if (!catch_here) TORCH_CHECK(false, "subkern._C.raise_torch_check: a deliberate TORCH_CHECK");
+  try {
+    TORCH_CHECK(false, "subkern._C.raise_torch_check: a deliberate TORCH_CHECK");
+  } catch (const c10::Error& err) {
+    throw std::runtime_error(err.what_without_backtrace());
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -83,6 +138,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &subkern::cpu::set_isa, py::arg("name"),
         "Force the CPU kernels' level: 'avx512', 'avx2', 'portable' or 'auto'.");
   m.def("cpu_features", &subkern::cpu::detected_features, "CPU features detected at run time.");
+  m.def("install_crash_handler", &install_crash_handler,
+        "Diagnostics: print the native backtrace to stderr on SIGSEGV/SIGBUS/SIGILL/SIGABRT "
+        "(then die of the signal). Returns False where unsupported.");
+  m.def("raise_torch_check", &raise_torch_check, py::arg("catch_here") = false,
+        "Diagnostics: raise a TORCH_CHECK error inside this extension (caught and rethrown as "
+        "std::runtime_error first when catch_here).");
   // The GIL is released while the kernels run (as torch.ops calls do); c10::Error becomes a
   // RuntimeError with the message alone (the op path's text), not the C++ backtrace.
   m.def("direct_ternary_linear_prepacked",
