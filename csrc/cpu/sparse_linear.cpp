@@ -210,6 +210,9 @@ struct ColGuard {
 // fewer than 16 floats (batch 4 - 15) made most vector loads split cache lines (4096 x 11008 at
 // batch 4: 8.7 ms plain, 5.1 ms padded to 16).
 constexpr int64_t kXBlock = 64;
+// csr_matmul stages a plainly strided X into blocks only when every row of X feeds at least this
+// many nonzeros on average (the copy then costs a small share of the product).
+constexpr int64_t kStageReuse = 32;
 
 struct XView {
   const float* base;
@@ -1347,12 +1350,14 @@ at::Tensor csr_matmul_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx,
   }
   // X is read in place (float32 with contiguous columns) unless its rows lie more than a block
   // apart at a multiple of 2 KB (a block's rows then share few L2 sets: N = 1024 ran at half
-  // speed) or its rows are short and straddle cache lines (N < 16); those
-  // are staged into the column-blocked layout (XView), as is any other dtype or stride, converted
-  // on the way. A contiguous conv X (ldx = N = H W) is not copied: the copy cost more than the
-  // stride (ResNet-50's 1x1 convs at 56x56: 0.27 ms in place, 1.0 ms staged).
+  // speed) and each row of X feeds enough nonzeros to repay a copy (nnz >= kStageReuse x in), or
+  // its rows are short and straddle cache lines (N < 16); those are staged into the
+  // column-blocked layout (XView), as is any other dtype or stride, converted on the way. The
+  // im2col X of a sparse conv is not copied: the copy cost more than the stride (ResNet-50 at
+  // batch 8, X = [C kh kw, 8 H W] with 25088 columns: 281 ms in place, 349 ms staged).
   const int64_t ldx = X.stride(0);
-  const bool conflicting = ldx > kXBlock && (ldx * 4) % 2048 == 0;
+  const bool conflicting =
+      ldx > kXBlock && (ldx * 4) % 2048 == 0 && nnz >= kStageReuse * in_features;
   const bool straddling = N < 16 && ldx >= N && ldx % 16 != 0;
   const bool in_place = X.scalar_type() == at::kFloat && X.stride(1) == 1 && !conflicting &&
                         !straddling;

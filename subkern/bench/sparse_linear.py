@@ -72,7 +72,7 @@ SIZES: dict[str, SparseSize] = {
     "quick": SparseSize(layers=((3072, 768), (4096, 11008)), sparsities=(0.9, 0.95, 0.98),
                         batches=(1, 16, 128), big_batches=(), warmup=2, reps=10),
     "full": SparseSize(layers=((3072, 768), (4096, 11008)), sparsities=(0.9, 0.95, 0.98),
-                       batches=(1, 16, 128), big_batches=(1024,), warmup=3, reps=30),
+                       batches=(1, 4, 16, 128), big_batches=(1024,), warmup=3, reps=30),
 }
 
 
