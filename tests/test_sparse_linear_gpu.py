@@ -57,6 +57,29 @@ def test_csr_linear_matches_dense(backend, batch, out, inp, density):
         torch.testing.assert_close(y.double().cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["warp", "xt"])
+@pytest.mark.parametrize("batch", [1, 2, 4, 6, 8, 13, 16, 17, 40])
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_row_warp_and_transposed_kernels(monkeypatch, kernel, batch, value_dtype):
+    """Both CUDA csr_linear kernels (SUBKERN_CUDA_CSR_KERNEL=warp: x[b, col] per batch row;
+    xt, the default from batch 2: x transposed, float4 runs of 4/8/16 batch rows) on ragged
+    rows, one-tile and multi-tile batches, both index widths, bias."""
+    if not _ext.has_cuda_kernels():
+        pytest.skip("subkern._C has no CUDA kernels")
+    monkeypatch.setenv("SUBKERN_CUDA_CSR_KERNEL", kernel)
+    w = sparse_weight(77, 1500, 0.07, seed=batch)
+    w[5] = 0
+    wq = w.to(value_dtype).float()
+    x, bias = torch.randn(batch, 1500), torch.randn(77)
+    expected = F.linear(x.double(), wq.double(), bias.double())
+    for index_dtype in (torch.int16, torch.int32):
+        p = cuda(S.pack_csr(w, index_dtype, value_dtype=value_dtype))
+        with use_backend("cuda"):
+            y = S.csr_linear(x.cuda(), p["row_ptr"], p["col_idx"], p["values"], 1500,
+                             bias.cuda())
+        torch.testing.assert_close(y.double().cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_half_values_and_activations(backend, value_dtype, x_dtype):

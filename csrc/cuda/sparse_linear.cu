@@ -7,6 +7,11 @@
 // for each batch row of the tile (x rows are small and stay in L1/L2; the weight is streamed
 // once per batch tile). Lanes' partial sums are reduced with warp shuffles and lane 0 writes the
 // sum + bias. bf16 values widen with a shift (exact), fp16 with __half2float.
+//
+// The transposed-activation kernel (csr_linear_xt_*, batch >= 2 by default) reads x as xT
+// [in, ld]: a nonzero's batch activations are one contiguous float4 run (BT / 4 loads covering
+// BT / 8 sectors) where the row-warp kernel issues BT loads `in` floats apart, a sector each
+// (batch 16 at 95 % sparsity on an H100: 66.5 us, 0.70x cuBLAS bf16, with the row-warp kernel).
 #include <cuda_fp16.h>
 
 #include <cstdint>
@@ -102,6 +107,88 @@ __global__ void csr_linear_kernel(const float* __restrict__ x, const int64_t* __
   }
 }
 
+// Transposed-activation variant: lane l takes nonzeros start + l, start + l + 32, ...; the BT
+// activations of a nonzero's column are BT / 4 float4 loads from xT (a contiguous, 16-byte
+// aligned run: ld and the tile start are multiples of 4).
+template <bool COL16, SparseValueType V, int BT>
+__global__ void csr_linear_xt_kernel(const float* __restrict__ xT, int64_t ld,
+                                     const int64_t* __restrict__ row_ptr,
+                                     const void* __restrict__ cols,
+                                     const void* __restrict__ values,
+                                     const float* __restrict__ bias, int64_t batch, int64_t out,
+                                     int64_t in, float* __restrict__ y) {
+  static_assert(BT % 4 == 0, "whole float4 vectors");
+  const int lane = threadIdx.x & 31;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kSparseRowsPerBlock + (threadIdx.x >> 5);
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
+  if (o >= out) return;  // whole warps leave together
+  const int nb = static_cast<int>(batch - b0 < BT ? batch - b0 : BT);
+  float acc[BT];
+#pragma unroll
+  for (int b = 0; b < BT; ++b) acc[b] = 0.f;
+  const int64_t start = __ldg(row_ptr + o), end = __ldg(row_ptr + o + 1);
+  const float* xb = xT + b0;
+  for (int64_t j = start + lane; j < end; j += 32) {
+    const int64_t c = col_at<COL16>(cols, j);
+    if (c < 0 || c >= in) continue;  // a corrupt index: never read
+    const float v = value_at<V>(values, j);
+    const float4* xr = reinterpret_cast<const float4*>(xb + c * ld);
+#pragma unroll
+    for (int q = 0; q < BT / 4; ++q) {
+      const float4 xv = __ldg(xr + q);
+      acc[4 * q] += v * xv.x;
+      acc[4 * q + 1] += v * xv.y;
+      acc[4 * q + 2] += v * xv.z;
+      acc[4 * q + 3] += v * xv.w;
+    }
+  }
+  const float bo = bias != nullptr ? bias[o] : 0.f;
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    float s = acc[b];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if (lane == 0 && b < nb) y[(b0 + b) * out + o] = s + bo;
+  }
+}
+
+template <bool COL16, SparseValueType V, int BT>
+cudaError_t launch_xt_typed(const float* xT, int64_t ld, const int64_t* row_ptr, const void* cols,
+                            const void* values, const float* bias, int64_t batch, int64_t out,
+                            int64_t in, float* y, cudaStream_t stream) {
+  const int64_t row_blocks = (out + kSparseRowsPerBlock - 1) / kSparseRowsPerBlock;
+  if (row_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  constexpr int64_t kMaxBatchBlocks = 65535;  // gridDim.y limit: chunks of batch rows
+  const dim3 block(32 * kSparseRowsPerBlock);
+  for (int64_t s = 0; s < batch; s += kMaxBatchBlocks * BT) {
+    const int64_t rows = batch - s < kMaxBatchBlocks * BT ? batch - s : kMaxBatchBlocks * BT;
+    const dim3 grid(static_cast<unsigned>(row_blocks),
+                    static_cast<unsigned>((rows + BT - 1) / BT));
+    csr_linear_xt_kernel<COL16, V, BT><<<grid, block, 0, stream>>>(
+        xT + s, ld, row_ptr, cols, values, bias, rows, out, in, y + s * out);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <bool COL16, SparseValueType V>
+cudaError_t launch_xt_tile(const float* xT, int64_t ld, const int64_t* row_ptr, const void* cols,
+                           const void* values, const float* bias, int64_t batch, int64_t out,
+                           int64_t in, float* y, cudaStream_t stream) {
+  switch (csr_linear_xt_tile(batch)) {
+    case 4:
+      return launch_xt_typed<COL16, V, 4>(xT, ld, row_ptr, cols, values, bias, batch, out, in,
+                                          y, stream);
+    case 8:
+      return launch_xt_typed<COL16, V, 8>(xT, ld, row_ptr, cols, values, bias, batch, out, in,
+                                          y, stream);
+    default:
+      return launch_xt_typed<COL16, V, 16>(xT, ld, row_ptr, cols, values, bias, batch, out, in,
+                                           y, stream);
+  }
+}
+
 template <bool COL16, SparseValueType V>
 cudaError_t launch_typed(const float* x, const int64_t* row_ptr, const void* cols,
                          const void* values, const float* bias, int64_t batch, int64_t out,
@@ -142,7 +229,45 @@ cudaError_t launch_values(const float* x, const int64_t* row_ptr, const void* co
   return cudaErrorInvalidValue;
 }
 
+template <bool COL16>
+cudaError_t launch_xt_values(const float* xT, int64_t ld, const int64_t* row_ptr,
+                             const void* cols, const void* values, SparseValueType vt,
+                             const float* bias, int64_t batch, int64_t out, int64_t in, float* y,
+                             cudaStream_t stream) {
+  switch (vt) {
+    case SparseValueType::kFloat32:
+      return launch_xt_tile<COL16, SparseValueType::kFloat32>(xT, ld, row_ptr, cols, values,
+                                                              bias, batch, out, in, y, stream);
+    case SparseValueType::kBFloat16:
+      return launch_xt_tile<COL16, SparseValueType::kBFloat16>(xT, ld, row_ptr, cols, values,
+                                                               bias, batch, out, in, y, stream);
+    case SparseValueType::kFloat16:
+      return launch_xt_tile<COL16, SparseValueType::kFloat16>(xT, ld, row_ptr, cols, values,
+                                                              bias, batch, out, in, y, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
+
+int64_t csr_linear_xt_tile(int64_t batch) { return batch <= 4 ? 4 : batch <= 8 ? 8 : 16; }
+
+int64_t csr_linear_xt_ld(int64_t batch) {
+  const int64_t tile = csr_linear_xt_tile(batch);
+  return (batch + tile - 1) / tile * tile;
+}
+
+cudaError_t csr_linear_xt_launch(const float* xT, int64_t ld, const int64_t* row_ptr,
+                                 const void* col_idx, bool col16, const void* values,
+                                 SparseValueType value_type, const float* bias, int64_t batch,
+                                 int64_t out, int64_t in, float* y, cudaStream_t stream) {
+  if (batch <= 0 || out <= 0) return cudaSuccess;
+  if (ld < csr_linear_xt_ld(batch)) return cudaErrorInvalidValue;
+  return col16 ? launch_xt_values<true>(xT, ld, row_ptr, col_idx, values, value_type, bias,
+                                        batch, out, in, y, stream)
+               : launch_xt_values<false>(xT, ld, row_ptr, col_idx, values, value_type, bias,
+                                         batch, out, in, y, stream);
+}
 
 cudaError_t csr_linear_launch(const float* x, const int64_t* row_ptr, const void* col_idx,
                               bool col16, const void* values, SparseValueType value_type,

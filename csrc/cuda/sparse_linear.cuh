@@ -29,5 +29,17 @@ cudaError_t csr_linear_launch(const float* x, const int64_t* row_ptr, const void
                               const float* bias, int64_t batch, int64_t out, int64_t in,
                               float* y, cudaStream_t stream);
 
+// The transposed-activation kernel (batch >= 2): xT [in, ld] holds x transposed, each input
+// feature's batch activations contiguous and zero-padded to ld = csr_linear_xt_ld(batch)
+// floats; xT 16-byte aligned. One warp per output row and tile of csr_linear_xt_tile(batch)
+// batch rows; every lane takes one nonzero at a time and loads the tile's activations of its
+// column as float4 vectors (one contiguous run instead of a load per batch row `in` apart).
+int64_t csr_linear_xt_tile(int64_t batch);
+int64_t csr_linear_xt_ld(int64_t batch);
+cudaError_t csr_linear_xt_launch(const float* xT, int64_t ld, const int64_t* row_ptr,
+                                 const void* col_idx, bool col16, const void* values,
+                                 SparseValueType value_type, const float* bias, int64_t batch,
+                                 int64_t out, int64_t in, float* y, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace subkern

@@ -1,9 +1,10 @@
 // CUDA kernel of subkern::csr_linear for the torch dispatcher (schema and format:
 // subkern/ops/sparse_linear.py).
 //
-// Checks the inputs, converts x (float32/bfloat16/float16) and bias to contiguous float32,
-// allocates the output with torch (caching allocator, current stream) and calls the torch-free
-// launcher of csrc/cuda/sparse_linear.cu; returns x's dtype. The structure (row_ptr monotone,
+// Checks the inputs, converts x (float32/bfloat16/float16) and bias to contiguous float32 (x
+// transposed to [in, ld] for the transposed-activation kernel), allocates the output with torch
+// (caching allocator, current stream) and calls the torch-free launchers of
+// csrc/cuda/sparse_linear.cu; returns x's dtype. The structure (row_ptr monotone,
 // columns in range) is not re-validated per call (that would synchronise the device): the kernel
 // skips out-of-range columns instead of reading them, and the CPU kernels / the loader validate.
 // Compiled only when torch has CUDA.
@@ -13,6 +14,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "cuda/sparse_linear.cuh"
@@ -20,6 +23,15 @@
 namespace {
 
 using subkern::cuda::SparseValueType;
+
+// Which kernel runs a batch: SUBKERN_CUDA_CSR_KERNEL=warp (the row-warp kernel that loads
+// x[b, col] per batch row), xt (the transposed-activation kernel for batch >= 2), or auto (the
+// default: xt from batch 2 on, warp at batch 1). Read per call, so benchmarks can time both.
+bool use_transposed_kernel(int64_t batch) {
+  const char* choice = std::getenv("SUBKERN_CUDA_CSR_KERNEL");
+  if (choice != nullptr && std::strcmp(choice, "warp") == 0) return false;
+  return batch >= 2;
+}
 
 void check_on(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "subkern::csr_linear (CUDA): ", name,
@@ -81,10 +93,24 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& row_ptr,
       y.zero_();
     }
   } else {
-    const cudaError_t err = subkern::cuda::csr_linear_launch(
-        xf.data_ptr<float>(), rp.data_ptr<int64_t>(), ci.data_ptr(), col16, va.data_ptr(), vt,
-        bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, x.size(0), out, in_features,
-        y.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+    const int64_t batch = x.size(0);
+    const float* bias_p = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    cudaError_t err;
+    if (use_transposed_kernel(batch)) {
+      const int64_t ld = subkern::cuda::csr_linear_xt_ld(batch);
+      at::Tensor xT = at::zeros({in_features, ld}, xf.options());   // padding read, not used
+      xT.narrow(1, 0, batch).copy_(xf.t());
+      err = subkern::cuda::csr_linear_xt_launch(xT.data_ptr<float>(), ld,
+                                                rp.data_ptr<int64_t>(), ci.data_ptr(), col16,
+                                                va.data_ptr(), vt, bias_p, batch, out,
+                                                in_features, y.data_ptr<float>(), stream);
+    } else {
+      err = subkern::cuda::csr_linear_launch(xf.data_ptr<float>(), rp.data_ptr<int64_t>(),
+                                             ci.data_ptr(), col16, va.data_ptr(), vt, bias_p,
+                                             batch, out, in_features, y.data_ptr<float>(),
+                                             stream);
+    }
     TORCH_CHECK(err == cudaSuccess, "subkern (CUDA): the csr_linear kernel failed to launch: ",
                 cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
   }

@@ -27,6 +27,8 @@ CUDA (``--device cuda``): the ``cuda`` and ``triton`` csr_linear against cuBLAS 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +67,22 @@ class SparseSize:
 
 #: Name of the deployed-layer measurement (CPU).
 LAYER_LABEL = "SparseLinear csr fp32 (deployed layer)"
+#: Name of the CUDA row-warp kernel's measurement (SUBKERN_CUDA_CSR_KERNEL=warp).
+WARP_LABEL = "csr fp32 (row-warp kernel)"
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Sets the environment variable ``name`` to ``value`` for the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 SIZES: dict[str, SparseSize] = {
     "tiny": SparseSize(layers=((96, 80),), sparsities=(0.9,), batches=(1, 20), big_batches=(),
@@ -257,6 +275,16 @@ def run(config: BenchConfig) -> BenchResult:
                             _record(result, m, case)
                             if label == "csr fp32":
                                 y_ours = y
+                        if name == "cuda" and batch >= 2:
+                            # the row-warp CUDA kernel, for comparison with the default
+                            # transposed-activation kernel (csrc/cuda/sparse_linear.cu)
+                            with _env("SUBKERN_CUDA_CSR_KERNEL", "warp"):
+                                m, _ = time_with_result(
+                                    f"subkern[{name}] {WARP_LABEL}",
+                                    _ours_csr(name, x, fmt["csr fp32"], inp), device,
+                                    size.warmup, reps, batch)
+                            timed[WARP_LABEL] = m
+                            _record(result, m, case)
                         if name == "cpp" and device == "cpu":
                             m, y_layer = time_with_result(
                                 f"subkern[{name}] {LAYER_LABEL}", _ours_layer(layer, x), device,
