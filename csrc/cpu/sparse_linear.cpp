@@ -1151,6 +1151,26 @@ void check_cols(const ColGuard& guard, int64_t nnz, int64_t in, const char* op) 
               " but in_features is ", in, " (corrupt sparse weight)");
 }
 
+// Runs fn(vtag, itag, r0, r1) on torch's intra-op threads for `nthreads` row ranges of equal cost
+// (balanced_rows), the value and index types as integral_constant tags, after checking each
+// range's column indices: a range holding a column >= in is reported to guard and skipped (its
+// rows stay unwritten; the caller raises).
+template <typename F>
+void run_checked_ranges(const Csr& w, ValT vt, IdxT it, int64_t nthreads, ColGuard& guard,
+                        const F& fn) {
+  const std::vector<int64_t> bounds = balanced_rows(w.row_ptr, w.out, nthreads);
+  with_types(vt, it, [&](auto vtag, auto itag) {
+    constexpr IdxT I = decltype(itag)::value;
+    intraop_tasks(nthreads, [&](int64_t t) {
+      const int64_t r0 = bounds[t], r1 = bounds[t + 1];
+      const uint32_t mx = max_index<I>(w.col, w.row_ptr[r0], w.row_ptr[r1]);
+      guard.report(mx);
+      if (mx >= static_cast<uint64_t>(w.in)) return;
+      fn(vtag, itag, r0, r1);
+    });
+  });
+}
+
 // Y[o, :N] (ldy) for all rows: the SpMM of a CSR weight with X [in, ldx] (N columns), then the
 // epilogue Y = relu?(Y + bias). Y is written, never read first (it may be uninitialised); rows of
 // a thread whose column indices are out of range are left unwritten (the caller raises).
@@ -1159,41 +1179,35 @@ void run_spmm(const Csr& w, ValT vt, IdxT it, const XView& X, float* Y, int64_t 
   const int64_t N = X.N;
   const int64_t nnz = w.row_ptr[w.out];
   const int64_t nthreads = thread_count((nnz + w.out) * std::max<int64_t>(N, 1), w.out);
-  const std::vector<int64_t> bounds = balanced_rows(w.row_ptr, w.out, nthreads);
   const Isa isa = active_isa();
-  with_types(vt, it, [&](auto vtag, auto itag) {
+  run_checked_ranges(w, vt, it, nthreads, guard, [&](auto vtag, auto itag, int64_t r0,
+                                                     int64_t r1) {
     constexpr ValT V = decltype(vtag)::value;
     constexpr IdxT I = decltype(itag)::value;
-    intraop_tasks(nthreads, [&](int64_t t) {
-      const int64_t r0 = bounds[t], r1 = bounds[t + 1];
-      const uint32_t mx = max_index<I>(w.col, w.row_ptr[r0], w.row_ptr[r1]);
-      guard.report(mx);
-      if (mx >= static_cast<uint64_t>(w.in)) return;
-      uint32_t unused = 0;
+    uint32_t unused = 0;
 #if SUBKERN_SPARSE_X86
-      if (isa == Isa::Avx512Vpopcnt) {
-        spmm_avx512<V, I>(w, X, Y, ldy, r0, r1, epi);
-        return;
-      }
-      if (isa == Isa::Avx2) {
-        spmm_avx2<V, I>(w, X, Y, ldy, r0, r1, unused);
-      } else {
-        spmm_portable<V, I>(w, X, Y, ldy, r0, r1, unused);
-      }
-#else
+    if (isa == Isa::Avx512Vpopcnt) {
+      spmm_avx512<V, I>(w, X, Y, ldy, r0, r1, epi);
+      return;
+    }
+    if (isa == Isa::Avx2) {
+      spmm_avx2<V, I>(w, X, Y, ldy, r0, r1, unused);
+    } else {
       spmm_portable<V, I>(w, X, Y, ldy, r0, r1, unused);
+    }
+#else
+    spmm_portable<V, I>(w, X, Y, ldy, r0, r1, unused);
 #endif
-      if (epi.bias != nullptr || epi.relu) {
-        for (int64_t r = r0; r < r1; ++r) {
-          float* yr = Y + r * ldy;
-          const float b = epi.bias == nullptr ? 0.f : epi.bias[r];
-          for (int64_t n = 0; n < N; ++n) {
-            const float v = yr[n] + b;
-            yr[n] = epi.relu ? std::max(v, 0.f) : v;
-          }
+    if (epi.bias != nullptr || epi.relu) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* yr = Y + r * ldy;
+        const float b = epi.bias == nullptr ? 0.f : epi.bias[r];
+        for (int64_t n = 0; n < N; ++n) {
+          const float v = yr[n] + b;
+          yr[n] = epi.relu ? std::max(v, 0.f) : v;
         }
       }
-    });
+    }
   });
   (void)isa;
 }
@@ -1213,21 +1227,15 @@ void run_spmm_lanes(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, f
   }
   const int64_t nnz = w.row_ptr[w.out];
   const int64_t nthreads = thread_count((nnz + kRowCost * w.out) * BP / 4, w.out);
-  const std::vector<int64_t> bounds = balanced_rows(w.row_ptr, w.out, nthreads);
-  with_types(vt, it, [&](auto vtag, auto itag) {
+  run_checked_ranges(w, vt, it, nthreads, guard, [&](auto vtag, auto itag, int64_t r0,
+                                                     int64_t r1) {
     constexpr ValT V = decltype(vtag)::value;
     constexpr IdxT I = decltype(itag)::value;
-    intraop_tasks(nthreads, [&](int64_t t) {
-      const int64_t r0 = bounds[t], r1 = bounds[t + 1];
-      const uint32_t mx = max_index<I>(w.col, w.row_ptr[r0], w.row_ptr[r1]);
-      guard.report(mx);
-      if (mx >= static_cast<uint64_t>(in)) return;
-      if (BP == 4) {
-        spmm_lanes_avx512<V, I, 4>(w, xT.data(), B, y, w.out, r0, r1, bias);
-      } else {
-        spmm_lanes_avx512<V, I, 8>(w, xT.data(), B, y, w.out, r0, r1, bias);
-      }
-    });
+    if (BP == 4) {
+      spmm_lanes_avx512<V, I, 4>(w, xT.data(), B, y, w.out, r0, r1, bias);
+    } else {
+      spmm_lanes_avx512<V, I, 8>(w, xT.data(), B, y, w.out, r0, r1, bias);
+    }
   });
 }
 #endif

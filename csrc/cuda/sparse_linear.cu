@@ -152,24 +152,34 @@ __global__ void csr_linear_xt_kernel(const float* __restrict__ xT, int64_t ld,
   }
 }
 
-template <bool COL16, SparseValueType V, int BT>
-cudaError_t launch_xt_typed(const float* xT, int64_t ld, const int64_t* row_ptr, const void* cols,
-                            const void* values, const float* bias, int64_t batch, int64_t out,
-                            int64_t in, float* y, cudaStream_t stream) {
+// Grids of kSparseRowsPerBlock warps per block over the output rows and `tile` batch rows per
+// blockIdx.y, in chunks of at most 65535 batch tiles (the gridDim.y limit): launch(s, rows, grid,
+// block) launches batch rows [s, s + rows).
+template <typename Launch>
+cudaError_t launch_batch_chunks(int64_t batch, int64_t out, int64_t tile, const Launch& launch) {
   const int64_t row_blocks = (out + kSparseRowsPerBlock - 1) / kSparseRowsPerBlock;
   if (row_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr int64_t kMaxBatchBlocks = 65535;  // gridDim.y limit: chunks of batch rows
+  const int64_t chunk = int64_t(65535) * tile;
   const dim3 block(32 * kSparseRowsPerBlock);
-  for (int64_t s = 0; s < batch; s += kMaxBatchBlocks * BT) {
-    const int64_t rows = batch - s < kMaxBatchBlocks * BT ? batch - s : kMaxBatchBlocks * BT;
+  for (int64_t s = 0; s < batch; s += chunk) {
+    const int64_t rows = batch - s < chunk ? batch - s : chunk;
     const dim3 grid(static_cast<unsigned>(row_blocks),
-                    static_cast<unsigned>((rows + BT - 1) / BT));
-    csr_linear_xt_kernel<COL16, V, BT><<<grid, block, 0, stream>>>(
-        xT + s, ld, row_ptr, cols, values, bias, rows, out, in, y + s * out);
+                    static_cast<unsigned>((rows + tile - 1) / tile));
+    launch(s, rows, grid, block);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <bool COL16, SparseValueType V, int BT>
+cudaError_t launch_xt_typed(const float* xT, int64_t ld, const int64_t* row_ptr, const void* cols,
+                            const void* values, const float* bias, int64_t batch, int64_t out,
+                            int64_t in, float* y, cudaStream_t stream) {
+  return launch_batch_chunks(batch, out, BT, [&](int64_t s, int64_t rows, dim3 grid, dim3 block) {
+    csr_linear_xt_kernel<COL16, V, BT><<<grid, block, 0, stream>>>(
+        xT + s, ld, row_ptr, cols, values, bias, rows, out, in, y + s * out);
+  });
 }
 
 template <bool COL16, SparseValueType V>
@@ -193,22 +203,11 @@ template <bool COL16, SparseValueType V>
 cudaError_t launch_typed(const float* x, const int64_t* row_ptr, const void* cols,
                          const void* values, const float* bias, int64_t batch, int64_t out,
                          int64_t in, float* y, cudaStream_t stream) {
-  const int64_t row_blocks = (out + kSparseRowsPerBlock - 1) / kSparseRowsPerBlock;
-  if (row_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr int64_t kMaxBatchBlocks = 65535;  // gridDim.y limit: chunks of batch rows
-  const dim3 block(32 * kSparseRowsPerBlock);
-  for (int64_t s = 0; s < batch; s += kMaxBatchBlocks * kSparseBatchTile) {
-    const int64_t rows = batch - s < kMaxBatchBlocks * kSparseBatchTile
-                             ? batch - s
-                             : kMaxBatchBlocks * kSparseBatchTile;
-    const dim3 grid(static_cast<unsigned>(row_blocks),
-                    static_cast<unsigned>((rows + kSparseBatchTile - 1) / kSparseBatchTile));
+  return launch_batch_chunks(batch, out, kSparseBatchTile,
+                             [&](int64_t s, int64_t rows, dim3 grid, dim3 block) {
     csr_linear_kernel<COL16, V><<<grid, block, 0, stream>>>(x + s * in, row_ptr, cols, values,
                                                             bias, rows, out, in, y + s * out);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 template <bool COL16>
