@@ -2,8 +2,8 @@
 against dense ``F.linear`` (fp32 and bf16) and torch's own CSR product on the same weight.
 
 Cases: STR-style unstructured sparse layers ``out x in`` = 3072 x 768 (BERT FFN) and 4096 x 11008
-at 90 %, 95 % and 98 % sparsity (random pattern, fixed seed), batch 1, 16, 128 (and 1024 for the
-BERT layer in ``full``). Rows per case:
+at 90 %, 95 % and 98 % sparsity (random pattern, fixed seed), batch 1, 16, 128 (in ``full`` also
+4, and 1024 for the BERT layer). Rows per case:
 
 * ``subkern SparseLinear`` vs ``F.linear fp32`` (targets: >= 4x at batch 1 and >= 1.5x at 128
   tokens for 90 % sparsity). On CPU "ours" is the deployed layer (:class:`subkern.nn.SparseLinear`
