@@ -22,16 +22,22 @@ namespace subkern {
 namespace cuda {
 namespace {
 
+// A 16-bit value pattern (bf16 or fp16) as float.
+template <SparseValueType V>
+__device__ __forceinline__ float widen(unsigned short u) {
+  if constexpr (V == SparseValueType::kBFloat16) {
+    return __uint_as_float(static_cast<unsigned>(u) << 16);
+  } else {
+    return __half2float(__ushort_as_half(u));
+  }
+}
+
 template <SparseValueType V>
 __device__ __forceinline__ float value_at(const void* values, int64_t j) {
   if constexpr (V == SparseValueType::kFloat32) {
     return __ldg(static_cast<const float*>(values) + j);
-  } else if constexpr (V == SparseValueType::kBFloat16) {
-    const unsigned short u = __ldg(static_cast<const unsigned short*>(values) + j);
-    return __uint_as_float(static_cast<unsigned>(u) << 16);
   } else {
-    const unsigned short u = __ldg(static_cast<const unsigned short*>(values) + j);
-    return __half2float(__ushort_as_half(u));
+    return widen<V>(__ldg(static_cast<const unsigned short*>(values) + j));
   }
 }
 
@@ -81,11 +87,22 @@ __global__ void csr_linear_kernel(const float* __restrict__ x, const int64_t* __
       c[0] = j < end ? col_at<COL16>(cols, j) : -1;
       c[1] = j + 1 < end ? col_at<COL16>(cols, j + 1) : -1;
     }
-    if (aligned && V == SparseValueType::kFloat32) {
-      const float2 vv = __ldg(reinterpret_cast<const float2*>(static_cast<const float*>(values) + j));
-      v[0] = vv.x;
-      v[1] = vv.y;
+    if constexpr (V == SparseValueType::kFloat32) {
+      if (aligned) {
+        const float2 vv =
+            __ldg(reinterpret_cast<const float2*>(static_cast<const float*>(values) + j));
+        v[0] = vv.x;
+        v[1] = vv.y;
+      }
     } else {
+      if (aligned) {  // the pair of 16-bit values in one 4-byte load
+        const ushort2 vv = __ldg(reinterpret_cast<const ushort2*>(
+            static_cast<const unsigned short*>(values) + j));
+        v[0] = widen<V>(vv.x);
+        v[1] = widen<V>(vv.y);
+      }
+    }
+    if (!aligned) {
       v[0] = j < end ? value_at<V>(values, j) : 0.f;
       v[1] = j + 1 < end ? value_at<V>(values, j + 1) : 0.f;
     }
