@@ -6,7 +6,9 @@ are unsigned 16-bit patterns (``& 0xFFFF`` after widening). Every sum is accumul
 
 * ``csr_linear`` with batch <= 16 (memory bound, SpMV-style): one program per output row and
   batch block; it walks the row's nonzeros ``BLOCK_N`` at a time, gathers the
-  ``[BLOCK_B, BLOCK_N]`` activations ``x[b, col]`` and reduces ``x * values`` over the nonzeros.
+  ``[BLOCK_B, BLOCK_N]`` activations ``x[b, col]`` (from ``x`` transposed to ``[in, B]`` when
+  B >= 2, so that a nonzero's activations are contiguous) and reduces ``x * values`` over the
+  nonzeros.
   The weight is read once per batch block (once in total for batch <= ``BLOCK_B``).
 * ``csr_matmul`` (and ``csr_linear`` with a larger batch, run as ``(W @ x^T)^T``): one program per
   output row and ``BLOCK_N``-column block of ``X [in, N]``; per ``BLOCK_K`` nonzeros it loads the
@@ -46,8 +48,8 @@ def _load_cols(col_ptr, offs, mask, IN, COL16: tl.constexpr):
 
 @triton.jit
 def _csr_spmv_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, y_ptr, B, OUT, IN,
-                     COL16: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     stride_xb, stride_xc, COL16: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     o = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
@@ -60,7 +62,8 @@ def _csr_spmv_kernel(x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, y_ptr, B, OUT, 
         in_row = offs < end
         cols, ok = _load_cols(col_ptr, offs, in_row, IN, COL16)
         vals = tl.load(val_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-        xt = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * IN + cols[None, :],
+        xt = tl.load(x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
+                     + cols.to(tl.int64)[None, :] * stride_xc,
                      mask=mask_b[:, None] & ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(xt * vals[None, :], axis=1)
         j0 += BLOCK_N
@@ -165,14 +168,17 @@ def csr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(x.dtype).contiguous()
-    x = x.contiguous()
+    # batch >= 2 reads x transposed ([in, B]): the activations one nonzero needs are then
+    # contiguous (one vector load) instead of B loads `in` elements apart
+    xs = x.contiguous() if B == 1 else x.t().contiguous()
+    stride_xb, stride_xc = (in_features, 1) if B == 1 else (1, B)
     y = torch.empty((B, out), dtype=torch.float32, device=x.device)
     block_b = max(1, triton.next_power_of_2(B))
     grid = (out, triton.cdiv(B, block_b))
     bias_arg = bias if bias is not None else y
-    _csr_spmv_kernel[grid](x, row_ptr, col_idx, values, bias_arg, y, B, out, in_features,
-                           COL16=col_idx.dtype == torch.int16, HAS_BIAS=bias is not None,
-                           BLOCK_B=block_b, BLOCK_N=64)
+    _csr_spmv_kernel[grid](xs, row_ptr, col_idx, values, bias_arg, y, B, out, in_features,
+                           stride_xb, stride_xc, COL16=col_idx.dtype == torch.int16,
+                           HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=64)
     return y.to(x.dtype)
 
 

@@ -38,6 +38,7 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
 
 CASES = [  # (batch, out, in, density): SpMV path (batch <= 16), SpMM path, empty, extremes
     (1, 5, 3, 0.5), (3, 17, 70, 0.1), (16, 9, 130, 0.99), (20, 6, 40, 1.0), (2, 7, 33, 0.0),
+    (5, 11, 90, 0.3), (12, 8, 200, 0.05),   # x read transposed (batch >= 2), ragged batch
     (0, 4, 5, 0.5), (3, 0, 7, 0.5), (2, 3, 0, 0.5),
 ]
 
