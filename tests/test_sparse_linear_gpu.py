@@ -80,6 +80,15 @@ def test_cuda_row_warp_and_transposed_kernels(monkeypatch, kernel, batch, value_
         torch.testing.assert_close(y.double().cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_cuda_kernel_choice_is_checked(monkeypatch):
+    if not _ext.has_cuda_kernels():
+        pytest.skip("subkern._C has no CUDA kernels")
+    monkeypatch.setenv("SUBKERN_CUDA_CSR_KERNEL", "fastest")
+    p = cuda(S.pack_csr(sparse_weight(4, 8, 0.5)))
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="auto, warp or xt"):
+        S.csr_linear(torch.randn(2, 8).cuda(), p["row_ptr"], p["col_idx"], p["values"], 8)
+
+
 @pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_half_values_and_activations(backend, value_dtype, x_dtype):

@@ -16,13 +16,17 @@
 // * SpMV (csr_linear, batch <= kSpmvMaxBatch; memory bound): per row, 16 nonzeros at a time: the
 //   16 column indices (zero-extended from 16 bits) drive an AVX-512 gather of x, one FMA with the
 //   16 values (AVX2: 8 at a time). Up to 4 batch rows share each index/value load.
-// * SpMM (csr_linear with a larger batch, csr_matmul): x is transposed once per call to
-//   xT [in, B] so that the B activations of one input feature are contiguous (csr_matmul's X
-//   already is; its rows may be strided); then for each nonzero (o, i, v):
+// * Lane-packed SpMM (csr_linear, batch kLanesMinBatch .. kLanesMaxBatch on AVX-512): x is
+//   transposed to xT [in, 4 | 8]; one zmm holds the activations of 4 (or 2) nonzeros, whose
+//   values one vpermps spreads over their lanes; one FMA.
+// * SpMM (csr_linear with a larger batch, csr_matmul): x is transposed once per call into
+//   column blocks (XView: 64 columns per block, [in, 64] contiguous, 64-byte aligned rows; a
+//   user's X for csr_matmul is read in place or staged into blocks) so that the activations of
+//   one input feature are contiguous; then for each nonzero (o, i, v):
 //   y[o, b : b + 16 K] += v * xT[i, b : b + 16 K] with K <= 4 accumulator registers (one
-//   broadcast, K loads + K FMAs per nonzero), over batch blocks of 64 columns. When xT's block
-//   (in x 64 floats) fits L2 (up to kPanelTrigger), row blocks whose nonzeros fit L1 run
-//   against every batch block (the weight is read once per call). Otherwise the input features
+//   broadcast, K loads + K FMAs per nonzero), block by block. When an X block (in x 64 floats)
+//   fits L2 (up to kPanelTrigger), row blocks whose nonzeros fit L1 run against a group of
+//   blocks that fit L2 together (the weight is read once per group). Otherwise the input features
 //   are cut into column panels of P rows of xT (P x 64 x 4 B = kPanelBytes): for each panel every
 //   row applies its nonzeros in that panel (split points from one scan per call: the columns are
 //   sorted within a row) to partial sums kept in y, so the panel is reused from L2 instead of
@@ -75,8 +79,9 @@
 namespace subkern::cpu {
 namespace {
 
-// Batch sizes up to this run the gather SpMV (its gathers scale with the batch); larger ones the
-// transposed SpMM (measured: SpMV wins at batch 2 and 3, ties at 4, on AVX-512).
+// Batch sizes up to this run the gather SpMV (its gathers scale with the batch) where the
+// lane-packed SpMM does not take them (batch 1-2 on AVX-512; 1-3 on AVX2 and the portable level);
+// larger ones the transposed SpMM (measured on AVX-512: SpMV won at batch 2 and 3, tied at 4).
 constexpr int64_t kSpmvMaxBatch = 3;
 // On AVX-512, batches in [kLanesMinBatch, kLanesMaxBatch] run the lane-packed SpMM instead
 // (measured, 2 threads, 10 % dense: 3072x768 batch 4 70-75 us against 160-190 us for the
@@ -290,18 +295,15 @@ void spmm_rows_portable(const Csr w, const float* X, int64_t ldx, int64_t N, flo
   }
 }
 
+// Rows [r0, r1) (column indices already checked by the caller) against X, 64-column block by
+// block.
 template <ValT V, IdxT I>
-void spmm_portable(const Csr& w, const XView& X, float* Y, int64_t ldy, int64_t r0, int64_t r1,
-                   uint32_t& maxc) {
+void spmm_portable(const Csr& w, const XView& X, float* Y, int64_t ldy, int64_t r0, int64_t r1) {
   for (int64_t o = r0; o < r1;) {
     const int64_t o1 = block_end(w.row_ptr, o, r1, kBlockNnz);
-    const uint32_t m = max_index<I>(w.col, w.row_ptr[o], w.row_ptr[o1]);
-    maxc = std::max(maxc, m);
-    if (m < static_cast<uint64_t>(w.in)) {
-      for (int64_t n0 = 0; n0 < X.N; n0 += kXBlock) {
-        spmm_rows_portable<V, I>(w, X.at(n0), X.ld(n0), std::min(kXBlock, X.N - n0), Y + n0,
-                                 ldy, o, o1);
-      }
+    for (int64_t n0 = 0; n0 < X.N; n0 += kXBlock) {
+      spmm_rows_portable<V, I>(w, X.at(n0), X.ld(n0), std::min(kXBlock, X.N - n0), Y + n0, ldy,
+                               o, o1);
     }
     o = o1;
   }
@@ -875,28 +877,21 @@ SK_S_AVX2 inline void spmm_row_avx2(const void* __restrict col, const void* __re
   for (int k = 0; k < K; ++k) _mm256_storeu_ps(yo + 8 * k, acc[0][k]);
 }
 
-// AVX2 SpMM: 32-column blocks (8..24 for the remainder of N / 8 * 8), the last N % 8 columns
-// with the portable loop.
+// AVX2 SpMM of rows [r0, r1) (column indices already checked by the caller): 32-column blocks
+// (8..24 for the remainder of N / 8 * 8), the last N % 8 columns with the portable loop.
 template <ValT V, IdxT I>
 SK_S_AVX2 void spmm_avx2(const Csr& w, const XView& X, float* Y, int64_t ldy, int64_t r0,
-                         int64_t r1, uint32_t& maxc) {
+                         int64_t r1) {
   const int64_t N = X.N;
   const int64_t* row_ptr = w.row_ptr;
   const void* col = w.col;
   const void* val = w.val;
-  uint32_t mx = 0;
   const int64_t full = N / 8 * 8;
   const int64_t group = batch_group(w.in, 64, X.ld(0));
   for (int64_t g0 = 0; g0 < N; g0 += group) {
     const int64_t g1 = std::min(N, g0 + group);
     for (int64_t o = r0; o < r1;) {
       const int64_t o1 = block_end(row_ptr, o, r1, kBlockNnz);
-      const uint32_t m = max_index<I>(col, row_ptr[o], row_ptr[o1]);
-      mx = std::max(mx, m);
-      if (m >= static_cast<uint64_t>(w.in)) {
-        o = o1;
-        continue;
-      }
       for (int64_t n0 = g0; n0 < std::min(g1, full); n0 += 32) {
         const int K = static_cast<int>(std::min<int64_t>(32, full - n0) / 8);
         for (int64_t r = o; r < o1; ++r) {
@@ -916,7 +911,6 @@ SK_S_AVX2 void spmm_avx2(const Csr& w, const XView& X, float* Y, int64_t ldy, in
       o = o1;
     }
   }
-  maxc = std::max(maxc, mx);
 }
 #endif  // SUBKERN_SPARSE_X86
 
@@ -1184,19 +1178,18 @@ void run_spmm(const Csr& w, ValT vt, IdxT it, const XView& X, float* Y, int64_t 
                                                      int64_t r1) {
     constexpr ValT V = decltype(vtag)::value;
     constexpr IdxT I = decltype(itag)::value;
-    uint32_t unused = 0;
 #if SUBKERN_SPARSE_X86
     if (isa == Isa::Avx512Vpopcnt) {
       spmm_avx512<V, I>(w, X, Y, ldy, r0, r1, epi);
       return;
     }
     if (isa == Isa::Avx2) {
-      spmm_avx2<V, I>(w, X, Y, ldy, r0, r1, unused);
+      spmm_avx2<V, I>(w, X, Y, ldy, r0, r1);
     } else {
-      spmm_portable<V, I>(w, X, Y, ldy, r0, r1, unused);
+      spmm_portable<V, I>(w, X, Y, ldy, r0, r1);
     }
 #else
-    spmm_portable<V, I>(w, X, Y, ldy, r0, r1, unused);
+    spmm_portable<V, I>(w, X, Y, ldy, r0, r1);
 #endif
     if (epi.bias != nullptr || epi.relu) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -1213,7 +1206,7 @@ void run_spmm(const Csr& w, ValT vt, IdxT it, const XView& X, float* Y, int64_t 
 }
 
 #if SUBKERN_SPARSE_X86
-// y [B, out] (written, every entry of the rows whose columns are in range) for 2 <= B <= 8 with the
+// y [B, out] (written, every entry of the rows whose columns are in range) for 3 <= B <= 8 with the
 // lane-packed AVX-512 SpMM: x [B, in] (contiguous float32) transposed once into xT [in, BP].
 void run_spmm_lanes(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, float* y,
                     ColGuard& guard, const float* bias) {

@@ -278,7 +278,10 @@ cudaError_t csr_linear_xt_launch(const float* xT, int64_t ld, const int64_t* row
                                  SparseValueType value_type, const float* bias, int64_t batch,
                                  int64_t out, int64_t in, float* y, cudaStream_t stream) {
   if (batch <= 0 || out <= 0) return cudaSuccess;
-  if (ld < csr_linear_xt_ld(batch)) return cudaErrorInvalidValue;
+  // float4 loads: ld a multiple of 4 floats, xT 16-byte aligned, every tile inside a row
+  if (ld < csr_linear_xt_ld(batch) || ld % 4 != 0 || reinterpret_cast<uintptr_t>(xT) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
   return col16 ? launch_xt_values<true>(xT, ld, row_ptr, col_idx, values, value_type, bias,
                                         batch, out, in, y, stream)
                : launch_xt_values<false>(xT, ld, row_ptr, col_idx, values, value_type, bias,

@@ -25,12 +25,15 @@ namespace {
 using subkern::cuda::SparseValueType;
 
 // Which kernel runs a batch: SUBKERN_CUDA_CSR_KERNEL=warp (the row-warp kernel that loads
-// x[b, col] per batch row), xt (the transposed-activation kernel for batch >= 2), or auto (the
+// x[b, col] per batch row), xt (the transposed-activation kernel, any batch), or auto (the
 // default: xt from batch 2 on, warp at batch 1). Read per call, so benchmarks can time both.
 bool use_transposed_kernel(int64_t batch) {
   const char* choice = std::getenv("SUBKERN_CUDA_CSR_KERNEL");
-  if (choice != nullptr && std::strcmp(choice, "warp") == 0) return false;
-  return batch >= 2;
+  if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "auto") == 0) return batch >= 2;
+  if (std::strcmp(choice, "xt") == 0) return true;
+  TORCH_CHECK(std::strcmp(choice, "warp") == 0,
+              "SUBKERN_CUDA_CSR_KERNEL must be auto, warp or xt, got '", choice, "'");
+  return false;
 }
 
 void check_on(const at::Tensor& t, const at::Tensor& x, const char* name) {
