@@ -240,8 +240,8 @@ fi
 # --- 4. CUDA benchmark -----------------------------------------------------------------------
 CUDA_FLAGS=()
 [ "$CUDA_BENCH" = quick ] && CUDA_FLAGS=(--quick)
-# op families with GPU cases (override with SUBKERN_GPU_CHECK_OPS=hamming,...)
-GPU_OPS="${SUBKERN_GPU_CHECK_OPS:-hamming,masked_linear,ternary,soft_threshold,sparse_linear}"
+# op families with GPU cases, the least measured first (override with SUBKERN_GPU_CHECK_OPS=...)
+GPU_OPS="${SUBKERN_GPU_CHECK_OPS:-sparse_linear,masked_linear,soft_threshold,ternary,hamming}"
 run_step "bench cuda" "$OUT/bench_cuda.txt" "$PY" -m subkern.cli bench --device cuda \
     --ops "$GPU_OPS" --out "$OUT" ${CUDA_FLAGS[@]+"${CUDA_FLAGS[@]}"} || fail "subkern bench --device cuda failed or mismatched"
 
