@@ -558,17 +558,26 @@ def _check_x(x: object, in_features: int) -> torch.Tensor:
     return x
 
 
+def _check_csr_parts(row_ptr: object, col_idx: object, values: object, bias: object,
+                     in_features: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The checked ``(row_ptr, col_idx, values, bias)`` of a CSR weight on ``device``."""
+    values = _check_values(values, device)
+    nnz = values.shape[0]
+    row_ptr = _check_row_ptr(row_ptr, device, nnz)
+    col_idx = _check_col_idx(col_idx, device, nnz, in_features)
+    bias = _check_bias(bias, row_ptr.shape[0] - 1, device)
+    return row_ptr, col_idx, values, bias
+
+
 def _check_csr_linear_args(x: object, row_ptr: object, col_idx: object, values: object,
                            in_features: int, bias: object
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor | None]:
     """The checked ``(x, row_ptr, col_idx, values, bias)`` of a ``csr_linear`` call."""
     x = _check_x(x, in_features)
-    values = _check_values(values, x.device)
-    nnz = values.shape[0]
-    row_ptr = _check_row_ptr(row_ptr, x.device, nnz)
-    col_idx = _check_col_idx(col_idx, x.device, nnz, in_features)
-    bias = _check_bias(bias, row_ptr.shape[0] - 1, x.device)
+    row_ptr, col_idx, values, bias = _check_csr_parts(row_ptr, col_idx, values, bias,
+                                                      in_features, x.device)
     return x, row_ptr, col_idx, values, bias
 
 
@@ -619,11 +628,8 @@ def _check_csr_matmul_args(row_ptr: object, col_idx: object, values: object, X: 
         raise TypeError(f"X must be float32, bfloat16 or float16, got {X.dtype}")
     if X.dim() != 2 or X.shape[0] != in_features:
         raise ValueError(f"X must have shape [{in_features}, N], got {tuple(X.shape)}")
-    values = _check_values(values, X.device)
-    nnz = values.shape[0]
-    row_ptr = _check_row_ptr(row_ptr, X.device, nnz)
-    col_idx = _check_col_idx(col_idx, X.device, nnz, in_features)
-    bias = _check_bias(bias, row_ptr.shape[0] - 1, X.device)
+    row_ptr, col_idx, values, bias = _check_csr_parts(row_ptr, col_idx, values, bias,
+                                                      in_features, X.device)
     return row_ptr, col_idx, values, X, bias
 
 
