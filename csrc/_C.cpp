@@ -90,9 +90,14 @@ auto without_backtrace(const char* name, R (*fn)(Args...)) {
 }
 
 #if defined(__linux__)
+// Handlers installed before ours (e.g. Python's faulthandler), indexed by signal number.
+using SignalHandler = void (*)(int);
+SignalHandler previous_handler[NSIG] = {};
+
 // Diagnostics (benchmarks/exception_probe.py): on SIGSEGV / SIGBUS / SIGILL / SIGABRT, write the
 // native stack (glibc backtrace: return addresses with their object files and nearest exported
-// symbols) to stderr, then die of the same signal with the default action.
+// symbols) to stderr, then hand the signal to the handler installed before (faulthandler prints
+// the Python stack) or die of it with the default action.
 void crash_backtrace(int sig) {
   const char* head = "\n[subkern crash handler] native backtrace:\n";
   ssize_t unused = write(STDERR_FILENO, head, std::strlen(head));
@@ -100,7 +105,8 @@ void crash_backtrace(int sig) {
   void* frames[64];
   const int n = backtrace(frames, 64);
   backtrace_symbols_fd(frames, n, STDERR_FILENO);
-  std::signal(sig, SIG_DFL);
+  const SignalHandler before = previous_handler[sig];
+  std::signal(sig, before != nullptr && before != SIG_ERR && before != SIG_IGN ? before : SIG_DFL);
   std::raise(sig);
 }
 #endif
@@ -109,7 +115,10 @@ bool install_crash_handler() {
 #if defined(__linux__)
   void* warm[1];
   backtrace(warm, 1);   // loads libgcc_s now, not inside the signal handler
-  for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGABRT}) std::signal(sig, crash_backtrace);
+  for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGABRT}) {
+    const SignalHandler before = std::signal(sig, crash_backtrace);
+    if (before != crash_backtrace) previous_handler[sig] = before;
+  }
   return true;
 #else
   return false;

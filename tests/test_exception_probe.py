@@ -4,6 +4,9 @@ exception on this toolchain (a crash would fail the GPU check's probe step with 
 from __future__ import annotations
 
 import importlib.util
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,18 @@ def test_verdicts():
     assert probe.verdict(1, "Traceback\nRuntimeError: bad") == "raised RuntimeError: bad"
     assert probe.verdict(3, "SKIP: no GPU\n").startswith("skipped: no GPU")
     assert probe.verdict(0, "").startswith("no error")
+
+
+@needs_cpp
+def test_crash_handler_prints_native_then_python_stack():
+    """A real SIGSEGV (ctypes reads address 0) under the crash handler: the native backtrace,
+    then faulthandler's Python stack (the handler installed before), then death by SIGSEGV."""
+    code = ("import faulthandler, ctypes, subkern\n"
+            "from subkern import _ext\n"
+            "faulthandler.enable()\n"
+            "assert _ext.extension().install_crash_handler()\n"
+            "ctypes.string_at(0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGSEGV
+    assert "[subkern crash handler] native backtrace:" in proc.stderr
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
