@@ -176,7 +176,8 @@ inline int64_t panel_width(int64_t in, int64_t width, int64_t ldx) {
 // reuse them from L2 (with all of a 1024-column X, 3 MB for 768 inputs, every row block streamed
 // X from L3 and the SpMM ran at half speed); the weight is read once per group.
 inline int64_t batch_group(int64_t in, int64_t width, int64_t ld) {
-  const int64_t block_bytes = std::max<int64_t>(1, in * std::min(width, std::max<int64_t>(ld, 1)) * 4);
+  const int64_t block_bytes =
+      std::max<int64_t>(1, in * std::min(width, std::max<int64_t>(ld, 1)) * 4);
   return std::max<int64_t>(1, kPanelTrigger / block_bytes) * width;
 }
 
@@ -219,6 +220,12 @@ constexpr int64_t kXBlock = 64;
 // many nonzeros on average (the copy then costs a small share of the product).
 constexpr int64_t kStageReuse = 32;
 
+// Row stride of the column block that starts at column n0 of a blocked X with N columns: 64, or
+// for the last block its column count rounded up to 16.
+inline int64_t block_ld(int64_t N, int64_t n0) {
+  return std::min(kXBlock, (N - n0 + 15) / 16 * 16);
+}
+
 struct XView {
   const float* base;
   int64_t ldx;      // row stride of plain rows (unused when blocked)
@@ -232,17 +239,15 @@ struct XView {
   }
   // Row stride around column n.
   int64_t ld(int64_t n) const {
-    if (!blocked) return ldx;
-    const int64_t n0 = n / kXBlock * kXBlock;
-    return std::min(kXBlock, (N - n0 + 15) / 16 * 16);
+    return blocked ? block_ld(N, n / kXBlock * kXBlock) : ldx;
   }
 };
 
 // Floats of a blocked X [in, N].
 inline int64_t blocked_numel(int64_t in, int64_t N) {
   if (N == 0) return 0;
-  const int64_t full = (N - 1) / kXBlock;
-  return in * (full * kXBlock + std::min(kXBlock, (N - full * kXBlock + 15) / 16 * 16));
+  const int64_t last = (N - 1) / kXBlock * kXBlock;   // first column of the last block
+  return in * (last + block_ld(N, last));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -600,7 +605,7 @@ SK_S_AVX512 void spmm_avx512(const Csr& w, const XView& X, float* Y, int64_t ldy
   }
 }
 
-// Lane-packed SpMM for batches of 2-8 (csr_linear): x is transposed to xT [in, BP] (BP = 4 or 8
+// Lane-packed SpMM for batches of 3-8 (csr_linear): x is transposed to xT [in, BP] (BP = 4 or 8
 // floats per input feature, the batch padded with zeros) so that one zmm holds the activations of
 // P = 16 / BP nonzeros: P loads of BP floats (vinsertf32x4 / vinsertf32x8), the P values spread
 // over their lanes by one vpermps, one FMA. The 16-column SpMM spends a whole zmm per nonzero
@@ -1027,8 +1032,8 @@ void transpose_to_blocks(const float* src, int64_t rows, int64_t cols, float* ds
   transpose_tasks(rows, cols, [&](int64_t r0, int64_t r1) {
     for (int64_t b0 = r0 / kXBlock * kXBlock; b0 < r1; b0 += kXBlock) {
       const int64_t lo = std::max(r0, b0), hi = std::min(r1, b0 + kXBlock);
-      const int64_t ld = std::min(kXBlock, (rows - b0 + 15) / 16 * 16);
-      transpose_rows(src + b0 * cols, cols, dst + b0 * cols, ld, lo - b0, hi - b0, cols);
+      transpose_rows(src + b0 * cols, cols, dst + b0 * cols, block_ld(rows, b0), lo - b0, hi - b0,
+                     cols);
     }
   });
 }
@@ -1038,8 +1043,7 @@ at::Tensor stage_blocked(const at::Tensor& X) {
   const int64_t in = X.size(0), N = X.size(1);
   at::Tensor Xb = at::empty({blocked_numel(in, N)}, X.options().dtype(at::kFloat));
   for (int64_t n0 = 0; n0 < N; n0 += kXBlock) {
-    const int64_t cols = std::min(kXBlock, N - n0);
-    const int64_t ld = std::min(kXBlock, (cols + 15) / 16 * 16);
+    const int64_t cols = std::min(kXBlock, N - n0), ld = block_ld(N, n0);
     Xb.narrow(0, n0 * in, in * ld).view({in, ld}).narrow(1, 0, cols).copy_(X.narrow(1, n0, cols));
   }
   return Xb;
@@ -1212,12 +1216,8 @@ void run_spmm_lanes(const Csr& w, ValT vt, IdxT it, const float* x, int64_t B, f
                     ColGuard& guard, const float* bias) {
   const int64_t BP = B <= 4 ? 4 : 8;
   const int64_t in = w.in;
-  std::vector<float> xT(static_cast<size_t>(in * BP), 0.f);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * in;
-    float* dst = xT.data() + b;
-    for (int64_t c = 0; c < in; ++c) dst[c * BP] = xb[c];
-  }
+  std::vector<float> xT(static_cast<size_t>(in * BP), 0.f);   // batch padding stays zero
+  transpose_rows(x, in, xT.data(), BP, 0, B, in);
   const int64_t nnz = w.row_ptr[w.out];
   const int64_t nthreads = thread_count((nnz + kRowCost * w.out) * BP / 4, w.out);
   run_checked_ranges(w, vt, it, nthreads, guard, [&](auto vtag, auto itag, int64_t r0,
