@@ -27,13 +27,13 @@ CUDA (``--device cuda``): the ``cuda`` and ``triton`` csr_linear against cuBLAS 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -70,19 +70,6 @@ LAYER_LABEL = "SparseLinear csr fp32 (deployed layer)"
 #: Name of the CUDA row-warp kernel's measurement (SUBKERN_CUDA_CSR_KERNEL=warp).
 WARP_LABEL = "csr fp32 (row-warp kernel)"
 
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """Sets the environment variable ``name`` to ``value`` for the block."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 SIZES: dict[str, SparseSize] = {
     "tiny": SparseSize(layers=((96, 80),), sparsities=(0.9,), batches=(1, 20), big_batches=(),
@@ -278,7 +265,7 @@ def run(config: BenchConfig) -> BenchResult:
                         if name == "cuda" and batch >= 2:
                             # the row-warp CUDA kernel, for comparison with the default
                             # transposed-activation kernel (csrc/cuda/sparse_linear.cu)
-                            with _env("SUBKERN_CUDA_CSR_KERNEL", "warp"):
+                            with mock.patch.dict(os.environ, {"SUBKERN_CUDA_CSR_KERNEL": "warp"}):
                                 m, _ = time_with_result(
                                     f"subkern[{name}] {WARP_LABEL}",
                                     _ours_csr(name, x, fmt["csr fp32"], inp), device,
