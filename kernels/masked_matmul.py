@@ -34,7 +34,8 @@ import triton.language as tl
 
 from ._matmul_common import INTERPRET, grouped_tile, matmul_configs, precision_for, rows_2d
 
-__all__ = ["masked_linear_forward", "masked_linear_backward", "masked_matmul"]
+__all__ = ["masked_linear_forward", "masked_linear_backward", "masked_matmul",
+           "masked_weight_grads", "materialized_linear_backward"]
 
 @triton.jit
 def _mac_step(acc, a_ptr, b_ptr, m_ptr, offs_m, offs_n, offs_k, in_m, in_n, k0, R,
@@ -190,4 +191,70 @@ def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.
         masked_matmul(g2.t(), x2, gs, grads_of=(w, s, m), grad_weight=gw)
         grad_scores = gs if need_s else empty
         grad_weight = gw if need_w else empty
+    return grad_x, grad_scores, grad_weight
+
+
+# --------------------------------------------------------------------------------------------
+# The materialize strategy (subkern/ops/matmul_strategy.py): W * M written once, torch's GEMMs,
+# the weight-gradient epilogue as one elementwise pass over G
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _masked_weight_grads_kernel(g_ptr, w_ptr, s_ptr, mk_ptr, gs_ptr, gw_ptr, n,
+                                WITH_S: tl.constexpr, WITH_GW: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    """``gs = (G * W) * sign(S)`` and ``gw = G * M`` over contiguous tensors of ``n`` elements
+    (the products and their order as the matmul epilogue above, hence autograd's)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    g = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    if WITH_S:
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+        s = tl.load(s_ptr + offs, mask=inside, other=0.0)
+        sgn = ((s > 0).to(tl.int8) - (s < 0).to(tl.int8)).to(g.dtype)
+        tl.store(gs_ptr + offs, (g * w) * sgn, mask=inside)
+    if WITH_GW:
+        keep = tl.load(mk_ptr + offs, mask=inside, other=0)
+        tl.store(gw_ptr + offs, g * keep.to(g.dtype), mask=inside)
+
+
+_ELEMENTWISE_BLOCK = 256 if INTERPRET else 2048
+
+
+def masked_weight_grads(grad_weff: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                        mask: torch.Tensor, need_scores: bool, need_weight: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_scores, grad_weight)`` from ``G = dL/dW_eff`` in one pass: ``(G * W) * sign(S)``
+    and ``G * M`` (an empty tensor for a gradient not asked for)."""
+    g = grad_weff.contiguous()
+    empty = weight.new_empty((0,))
+    gs = torch.empty_like(g) if need_scores else empty
+    gw = torch.empty_like(g) if need_weight else empty
+    n = g.numel()
+    if n and (need_scores or need_weight):
+        w = weight.contiguous() if need_scores else g
+        s = scores.contiguous() if need_scores else g
+        mk = mask.contiguous().view(torch.uint8) if need_weight else g
+        _masked_weight_grads_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
+            g, w, s, mk, gs if need_scores else g, gw if need_weight else g, n,
+            WITH_S=need_scores, WITH_GW=need_weight, BLOCK=_ELEMENTWISE_BLOCK)
+    return gs, gw
+
+
+def materialized_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                 scores: torch.Tensor, mask: torch.Tensor,
+                                 output_mask: tuple[bool, bool, bool]
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`masked_linear_backward` with ``W * M`` materialized and torch's GEMMs (cuBLAS):
+    ``grad_x = grad_y @ (W * M)``, ``G = grad_y^T @ x``, then :func:`masked_weight_grads`."""
+    need_x, need_s, need_w = output_mask
+    g2 = rows_2d(grad_y)
+    empty = weight.new_empty((0,))
+    grad_x = empty
+    if need_x:
+        grad_x = torch.mm(g2, weight * mask).view(x.shape)
+    if not (need_s or need_w):
+        return grad_x, empty, empty
+    grad_weff = torch.mm(g2.t(), rows_2d(x))
+    grad_scores, grad_weight = masked_weight_grads(grad_weff, weight, scores, mask, need_s, need_w)
     return grad_x, grad_scores, grad_weight

@@ -43,7 +43,8 @@ import triton.language as tl
 from ._matmul_common import INTERPRET, grouped_tile, matmul_configs, precision_for, rows_2d
 
 __all__ = ["soft_threshold_linear_forward", "soft_threshold_linear_backward",
-           "soft_threshold_matmul", "soft_threshold_forward", "soft_threshold_grads"]
+           "soft_threshold_matmul", "soft_threshold_forward", "soft_threshold_grads",
+           "materialized_linear_backward"]
 
 _CONFIGS = matmul_configs()
 #: slots of the partial-sum buffer are per BLOCK_N columns of the smallest configuration
@@ -323,4 +324,22 @@ def soft_threshold_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight
         if need_s:
             total = partial.sum() if per_layer else partial.sum(0)
             grad_s = (-total * (thr * (1 - thr))).to(s.dtype).reshape(s.shape)
+    return grad_x, grad_w, grad_s
+
+
+def materialized_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                 s: torch.Tensor, output_mask: tuple[bool, bool, bool]
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`soft_threshold_linear_backward` with ``W_eff`` materialized and torch's GEMMs
+    (cuBLAS; subkern/ops/matmul_strategy.py): ``grad_x = grad_y @ W_eff`` (``W_eff`` rebuilt by
+    one elementwise pass), ``G = grad_y^T @ x``, then :func:`soft_threshold_grads` (one pass)."""
+    need_x, need_w, need_s = output_mask
+    g2 = rows_2d(grad_y)
+    grad_x = x.new_empty((0,))
+    if need_x:
+        grad_x = torch.mm(g2, soft_threshold_forward(weight, s)).view(x.shape)
+    if not (need_w or need_s):
+        return grad_x, weight.new_empty((0,)), s.new_empty((0,))
+    grad_weff = torch.mm(g2.t(), rows_2d(x))
+    grad_w, grad_s = soft_threshold_grads(grad_weff, weight, s, need_w, need_s)
     return grad_x, grad_w, grad_s

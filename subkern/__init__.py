@@ -19,6 +19,7 @@ from . import deploy, nn
 from .backend import BackendUnavailableError, get_backend, use_backend
 from .ops.binary import hamming_distance, hamming_topk, pack_bits, unpack_bits
 from .ops.masked import masked_conv2d, masked_linear
+from .ops.matmul_strategy import use_matmul_strategy
 from .ops.soft_threshold import soft_threshold, soft_threshold_conv2d, soft_threshold_linear
 from .ops.sparse_linear import (
     bitmap_linear,
@@ -62,6 +63,7 @@ __all__ = [
     "BackendUnavailableError",
     "get_backend",
     "use_backend",
+    "use_matmul_strategy",
     "pack_bits",
     "unpack_bits",
     "hamming_distance",

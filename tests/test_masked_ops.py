@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import subkern  # noqa: F401  (loads subkern._C)
-from subkern import _ext
 from subkern import backend as _backend
 from subkern.ops import masked as mk
 from subkern.ops.topk_mask_reference import kept_count
@@ -597,16 +596,23 @@ def test_bench_family_tiny():
                                                   "dense F.linear fwd+bwd"}
 
 
-def test_bench_case_with_the_materialised_alternative():
-    """The W*M + cuBLAS row that CUDA runs add, exercised on CPU."""
+def test_bench_case_with_both_matmul_strategies():
+    """The fused-strategy rows that CUDA runs add, exercised on CPU through the interpreter."""
     from subkern.bench import harness
     from subkern.bench import masked as bench_masked
 
+    if _backend.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("triton cannot run CPU tensors here (TRITON_INTERPRET unset)")
     config = harness.BenchConfig(device="cpu", size="tiny", log=lambda _: None)
     result = harness.BenchResult(bench_masked.FAMILY, "cpu", "tiny")
     size = bench_masked.size_for("cpu", "tiny")
     out_f, in_f = size.layers[0]
     bench_masked._run_case(config, size, result, out_f, in_f, size.tokens[0], torch.float32,
-                           "cpp" if _ext.has_cpu_kernels() else "reference", materialized=True)
-    rows = [row for row in result.rows if "W*M + cuBLAS" in row.ours]
+                           "triton", both_strategies=True)
+    # on CPU the default strategy is fused, so the other one timed is materialize
+    rows = [row for row in result.rows if "materialize" in row.ours]
     assert len(rows) == 1 and rows[0].rival == "dense F.linear fwd+bwd" and rows[0].match
+    assert rows[0].ours == "subkern[triton, materialize] fwd+bwd (mask given)"
+    assert {row.ours for row in result.rows} == {
+        "subkern[triton, fused] select+fwd+bwd", "subkern[triton, fused] fwd+bwd (mask given)",
+        "subkern[triton, materialize] fwd+bwd (mask given)"}

@@ -136,3 +136,101 @@ def test_cuda_dispatch_route():
     _check(y, y_ref, torch.float16)
     _check(x.grad, gx_ref, torch.float16)
     _check(s.grad, gs_ref, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize(("shape_x", "out_f", "need"), [
+    ((5, 47), 33, (True, True, True)),
+    ((2, 3, 20), 17, (True, True, False)),
+    ((1, 16), 1, (False, True, False)),
+    ((4, 9), 6, (False, False, True)),
+    ((0, 12), 5, (True, True, True)),
+])
+def test_materialize_strategy_matches_reference(dtype, shape_x, out_f, need):
+    """The materialize strategy (W * M once, torch's GEMMs, one elementwise gradient pass)."""
+    from subkern.kernels import masked_matmul
+
+    from subkern.ops.matmul_strategy import use_matmul_strategy
+
+    x, w, s, b = _data(shape_x, out_f, dtype)
+    s[0, :3] = 0.0  # sign(S) = 0: zero score gradient there
+    mask = mk.select_mask(s, 0.4)
+    gy = torch.randn(*shape_x[:-1], out_f, dtype=dtype, device=DEVICE)
+    y_ref, grads_ref = _reference(x, w, s, b, mask, gy, need)
+    with use_matmul_strategy("materialize"):
+        y = mk._triton_linear_with_mask(x, w, s, mask, b)
+        grads = mk._triton_linear_backward(gy, x, w, s, mask, list(need))
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    _check(y, y_ref, dtype)
+    for flag, got, want in zip(need, grads, grads_ref, strict=True):
+        if flag:
+            assert got.shape == want.shape and got.dtype == dtype
+            _check(got, want, dtype)
+        else:
+            assert got.numel() == 0
+    direct = masked_matmul.materialized_linear_backward(gy, x, w, s, mask, need)
+    for got, want in zip(direct, grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_masked_weight_grads_pass_is_autograds_products():
+    """One elementwise pass: (G * W) * sign(S) (0 where S is +-0 or NaN) and G * M, bit for bit
+    the reference's products; non-contiguous inputs; an empty tensor."""
+    from subkern.kernels import masked_matmul
+
+    g = torch.randn(30, 41, device=DEVICE).t()     # non-contiguous
+    w = torch.randn(41, 30, device=DEVICE)
+    s = torch.randn(41, 30, device=DEVICE)
+    s[0, :4] = torch.tensor([0.0, -0.0, float("nan"), float("inf")])
+    mask = mk.select_mask(s.nan_to_num(0.0), 0.5)
+    gs, gw = masked_matmul.masked_weight_grads(g, w, s, mask, True, True)
+    assert torch.equal(gs, (g * w) * torch.sign(s))
+    assert torch.equal(gw, g * mask)
+    gs_only, none = masked_matmul.masked_weight_grads(g, w, s, mask, True, False)
+    assert torch.equal(gs_only, gs) and none.numel() == 0
+    none, gw_only = masked_matmul.masked_weight_grads(g, w, s, mask, False, True)
+    assert none.numel() == 0 and torch.equal(gw_only, gw)
+    e = torch.empty(0, 7, device=DEVICE)
+    gs, gw = masked_matmul.masked_weight_grads(e, e, e, e.bool(), True, True)
+    assert gs.shape == (0, 7) and gw.shape == (0, 7)
+
+
+def test_public_api_materialize_strategy_autograd():
+    """masked_linear on the triton backend with the materialize strategy, weight trained too."""
+    from subkern.ops.matmul_strategy import use_matmul_strategy
+
+    x, w, s, b = _data((2, 4, 47), 33, torch.float32)
+    for t in (x, w, s, b):
+        t.requires_grad_()
+    gy = torch.randn(2, 4, 33, device=DEVICE)
+    with subkern.use_backend("triton"), use_matmul_strategy("materialize"):
+        y = mk.masked_linear(x, w, s, 0.3, b)
+    y.backward(gy)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, s, b)]
+    with subkern.use_backend("reference"):
+        mk.masked_linear(*leaves[:3], 0.3, leaves[3]).backward(gy)
+    torch.testing.assert_close(y, mk.reference_masked_linear(x, w, s, 0.3, b),
+                               rtol=2e-4, atol=2e-4)
+    for got, want in zip((x, w, s, b), leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "materialize"])
+def test_cuda_route_both_strategies(strategy):
+    """On CUDA both strategies give the reference's output and gradients (bf16 and fp16)."""
+    from subkern.ops.matmul_strategy import use_matmul_strategy
+
+    for dtype in (torch.float16, torch.bfloat16):
+        x, w, s, b = _data((3, 50, 96), 80, dtype, device="cuda")
+        x.requires_grad_()
+        s.requires_grad_()
+        with use_matmul_strategy(strategy):
+            y = mk.masked_linear(x, w, s, 0.5, b)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        mask = mk.select_mask(s, 0.5)
+        y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
+        _check(y, y_ref, dtype)
+        _check(x.grad, gx_ref, dtype)
+        _check(s.grad, gs_ref, dtype)

@@ -403,3 +403,29 @@ def test_bench_family_tiny():
     assert {row.rival for row in result.rows} == {"reference (torch ops + autograd) fwd+bwd",
                                                   "dense F.linear fwd+bwd",
                                                   "dense F.conv2d fwd+bwd"}
+
+
+def test_bench_case_with_both_matmul_strategies():
+    """The rows CUDA adds for the Triton backend's two matmul strategies (and the forward-only
+    rows against the dense forward), exercised on CPU through the interpreter."""
+    from subkern.bench import harness
+    from subkern.bench import soft_threshold as bench_st
+
+    if _backend.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("triton cannot run CPU tensors here (TRITON_INTERPRET unset)")
+    config = harness.BenchConfig(device="cpu", size="tiny", log=lambda _: None)
+    size = bench_st.size_for("cpu", "tiny")
+    result = harness.BenchResult(bench_st.FAMILY, "cpu", "tiny")
+    out_f, in_f = size.layers[0]
+    data = bench_st.make_data(out_f, in_f, size.tokens[0], torch.float32, "cpu")
+    forward = (bench_st._linear_forward(data), lambda: F.linear(data["x"], data["weight"]))
+    bench_st._run_case(config, size, result, "tiny", {}, size.tokens[0], data,
+                       bench_st._linear_fns(), torch.float32, "triton", bench_st.OP, "F.linear",
+                       forward, both_strategies=True)
+    assert all(row.match for row in result.rows), [row.match_detail for row in result.rows]
+    # on CPU the default strategy is fused, so the other one timed is materialize
+    assert [row.ours for row in result.rows] == [
+        "subkern[triton, fused] fwd+bwd", "subkern[triton, fused] fwd+bwd",
+        "subkern[triton, materialize] fwd+bwd", "subkern[triton, fused] forward",
+        "subkern[triton, materialize] forward"]
+    assert result.rows[-1].rival == "dense F.linear forward"

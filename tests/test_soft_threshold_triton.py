@@ -13,6 +13,7 @@ from hypothesis import strategies as hst
 
 import subkern
 from subkern.ops import soft_threshold as st
+from subkern.ops.matmul_strategy import use_matmul_strategy
 
 pytestmark = needs_triton()
 
@@ -32,12 +33,13 @@ def _check(got, want, dtype):
     assert_close_scaled(got, want, TOL[dtype])
 
 
-def _triton_linear_matches_reference(x, w, s, b, gy):
+def _triton_linear_matches_reference(x, w, s, b, gy, strategy="auto"):
     """Run the public ``soft_threshold_linear`` on the Triton backend (forward and backward of
-    ``gy``) and check output and (grad_x, grad_weight, grad_s) against ``_reference`` in fp32;
-    returns the leaves ``[x, w, s]`` (their ``.grad`` filled)."""
+    ``gy``, the matmul ``strategy`` of subkern/ops/matmul_strategy.py) and check output and
+    (grad_x, grad_weight, grad_s) against ``_reference`` in fp32; returns the leaves
+    ``[x, w, s]`` (their ``.grad`` filled)."""
     y_ref, grads_ref = _reference(x, w, s, b, gy)
-    with subkern.use_backend("triton"):
+    with subkern.use_backend("triton"), use_matmul_strategy(strategy):
         leaves = [t.clone().requires_grad_() for t in (x, w, s)]
         y = st.soft_threshold_linear(*leaves, b)
         y.backward(gy)
@@ -76,26 +78,62 @@ def test_kernels_match_reference(dtype, shape_x, out_f, bias, per_channel, need)
             assert got.numel() == 0
 
 
+@pytest.mark.parametrize("dtype", triton_test_dtypes(DEVICE))
+@pytest.mark.parametrize(("shape_x", "out_f", "per_channel", "need"), [
+    ((5, 47), 33, False, (True, True, True)),
+    ((2, 3, 20), 17, True, (True, False, True)),
+    ((1, 16), 1, True, (False, True, False)),
+    ((0, 12), 5, False, (True, True, True)),
+])
+def test_materialize_strategy_matches_reference(dtype, shape_x, out_f, per_channel, need):
+    """W_eff written once by the elementwise kernel, torch's GEMMs, one gradient pass."""
+    from subkern.kernels import soft_threshold as kern
+
+    x = torch.randn(*shape_x, dtype=dtype, device=DEVICE)
+    w = (torch.randn(out_f, shape_x[-1], device=DEVICE) * 0.8).to(dtype)
+    s = ((torch.randn(out_f, device=DEVICE) - 1) if per_channel
+         else torch.tensor(-1.2, device=DEVICE)).to(dtype)
+    b = torch.randn(out_f, dtype=dtype, device=DEVICE)
+    gy = torch.randn(*shape_x[:-1], out_f, dtype=dtype, device=DEVICE)
+    y_ref, grads_ref = _reference(x, w, s, b, gy)
+    with use_matmul_strategy("materialize"):
+        y = st._triton_linear(x, w, s, b)
+        grads = st._triton_linear_backward(gy, x, w, s, list(need))
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    _check(y, y_ref, dtype)
+    for flag, got, want in zip(need, grads, grads_ref, strict=True):
+        if flag:
+            assert got.shape == want.shape and got.dtype == want.dtype
+            _check(got, want, dtype)
+        else:
+            assert got.numel() == 0
+    direct = kern.materialized_linear_backward(gy, x, w, s, need)
+    for got, want in zip(direct, grads, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "materialize"])
 @pytest.mark.parametrize("s_value", [-100.0, 30.0])
-def test_threshold_extremes_and_weights_at_the_threshold(s_value):
+def test_threshold_extremes_and_weights_at_the_threshold(s_value, strategy):
     x = torch.randn(4, 24, device=DEVICE)
     w = torch.randn(10, 24, device=DEVICE) * 2
     s = torch.tensor(s_value, device=DEVICE)
     thr = torch.sigmoid(s)
     w[0, :3] = torch.stack([thr, -thr, thr])   # exactly at the threshold: pruned, no gradient
     gy = torch.randn(4, 10, device=DEVICE)
-    leaves = _triton_linear_matches_reference(x, w, s, None, gy)
+    leaves = _triton_linear_matches_reference(x, w, s, None, gy, strategy)
     assert torch.all(leaves[1].grad[0, :3] == 0)
 
 
-def test_public_op_noncontiguous_and_empty():
+@pytest.mark.parametrize("strategy", ["fused", "materialize"])
+def test_public_op_noncontiguous_and_empty(strategy):
     x = torch.randn(10, 9, device=DEVICE)[::2]
     w = torch.randn(9, 6, device=DEVICE).t()             # [6, 9] transposed view
     s = (torch.randn(6, 2, device=DEVICE) - 1)[:, 0]      # strided per-channel s
     b = torch.randn(6, device=DEVICE)
     gy = torch.randn(5, 6, device=DEVICE)
-    _triton_linear_matches_reference(x, w, s, b, gy)
-    with subkern.use_backend("triton"):
+    _triton_linear_matches_reference(x, w, s, b, gy, strategy)
+    with subkern.use_backend("triton"), use_matmul_strategy(strategy):
         # empty batch: zero gradients; empty reduction: the bias
         lw, ls = w.clone().requires_grad_(), s.clone().requires_grad_()
         y0 = st.soft_threshold_linear(torch.randn(0, 9, device=DEVICE), lw, ls, b)
@@ -108,7 +146,8 @@ def test_public_op_noncontiguous_and_empty():
 
 
 @pytest.mark.gpu
-def test_cuda_route_uses_the_kernels_and_matches():
+@pytest.mark.parametrize("strategy", ["auto", "fused", "materialize"])
+def test_cuda_route_uses_the_kernels_and_matches(strategy):
     from subkern.ops.library import has_kernel
 
     st.register_device_fallbacks()   # idempotent (subkern.ops does it at import)
@@ -121,8 +160,9 @@ def test_cuda_route_uses_the_kernels_and_matches():
     gy = torch.randn(64, 80, device="cuda", dtype=torch.bfloat16)
     y_ref, grads_ref = _reference(x, w, s, None, gy)
     leaves = [t.clone().requires_grad_() for t in (x, w, s)]
-    y = torch.ops.subkern.soft_threshold_linear(*leaves, None)
-    y.backward(gy)
+    with use_matmul_strategy(strategy):
+        y = torch.ops.subkern.soft_threshold_linear(*leaves, None)
+        y.backward(gy)
     _check(y, y_ref, torch.bfloat16)
     for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
         _check(got, want, torch.bfloat16)

@@ -12,8 +12,12 @@ Implementations:
   ``subkern.nn.SubnetLinear`` training step runs (on CPU the fused ``masked_linear_select`` op:
   selection, then mask, ``W * M`` and ``W * sign(S)`` in one pass, then the GEMM; its backward
   ``masked_linear_select_backward`` reuses ``W * M`` and ``W * sign(S)``; on CUDA
-  ``select_mask`` + the Triton mask-form op); also timed with the mask given
-  (``masked_linear_with_mask``, selection excluded) and the selection alone (``select_mask``);
+  ``select_mask`` + the Triton backend's mask-form op, with its default matmul strategy
+  ``materialize``: W * M written once, cuBLAS GEMMs, subkern/ops/matmul_strategy.py); also
+  timed with the mask given (``masked_linear_with_mask``, selection excluded) and the selection
+  alone (``select_mask``);
+* ``subkern[triton, fused]`` (CUDA): the mask-form op on the fused Triton matmul, the mask
+  applied to each weight tile as it is loaded (``W * M`` never written);
 * ``reference``: ``W * GetSubnet(|S|, k)`` with a full sort per call, ``F.linear``, autograd;
 * ``dense F.linear``: the dense layer (cuBLAS / MKL).
 
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from ..ops import masked as mk
+from ..ops.matmul_strategy import matmul_strategy, use_matmul_strategy
 from . import environment
 from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn, time_round_robin
 
@@ -100,19 +105,21 @@ def make_data(out_f: int, in_f: int, tokens: int, dtype: torch.dtype, device: st
 Step = Callable[[], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
-def _masked_step(data: dict[str, torch.Tensor], backend: str, mask: torch.Tensor | None) -> Step:
-    """Forward + backward of ``masked_linear`` (selection included unless ``mask`` is given)."""
+def _masked_step(data: dict[str, torch.Tensor], backend: str, mask: torch.Tensor | None,
+                 strategy: str = "auto") -> Step:
+    """Forward + backward of ``masked_linear`` (selection included unless ``mask`` is given),
+    with the Triton backend's matmul ``strategy`` (subkern/ops/matmul_strategy.py)."""
     x = data["x"].clone().requires_grad_()
     s = data["scores"].clone().requires_grad_()
 
     def step():
         x.grad = s.grad = None
-        with _backend.use_backend(backend):
+        with _backend.use_backend(backend), use_matmul_strategy(strategy):
             if mask is None:
                 y = mk.masked_linear(x, data["weight"], s, K, data["bias"])
             else:
                 y = mk.masked_linear_with_mask(x, data["weight"], s, mask, data["bias"])
-        y.backward(data["grad_y"])
+            y.backward(data["grad_y"])
         return y, x.grad, s.grad
 
     return step
@@ -135,9 +142,14 @@ def _dense_forward(data: dict[str, torch.Tensor]) -> Callable[[], Any]:
     return lambda: F.linear(data["x"], data["weight"], data["bias"])
 
 
-def _masked_forward(data: dict[str, torch.Tensor], mask: torch.Tensor) -> Callable[[], Any]:
-    return lambda: torch.ops.subkern.masked_linear_with_mask(data["x"], data["weight"],
+def _masked_forward(data: dict[str, torch.Tensor], mask: torch.Tensor, strategy: str = "auto"
+                    ) -> Callable[[], Any]:
+    def forward():
+        with use_matmul_strategy(strategy):
+            return torch.ops.subkern.masked_linear_with_mask(data["x"], data["weight"],
                                                              data["scores"], mask, data["bias"])
+
+    return forward
 
 
 def check_match(ours: tuple, ref: tuple, dtype: torch.dtype) -> tuple[bool, str]:
@@ -160,11 +172,13 @@ def _measure(name: str, fn: Callable[[], Any], items: int, device: str, warmup: 
 
 def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f: int, in_f: int,
               tokens: int, dtype: torch.dtype, backend: str,
-              materialized: bool | None = None) -> None:
-    """One case; ``materialized`` (default: on CUDA) also times the W*M + cuBLAS alternative."""
+              both_strategies: bool | None = None) -> None:
+    """One case. On CUDA (Triton backend) the default matmul strategy is ``materialize`` (W * M
+    once, cuBLAS); ``both_strategies`` (default: on CUDA) also times the ``fused`` Triton
+    matmul (mask applied on load) and, on CUDA, both forwards against cuBLAS."""
     device = config.device
-    if materialized is None:
-        materialized = device == "cuda"
+    other = (device == "cuda" and backend in ("auto", "triton") if both_strategies is None
+             else both_strategies)
     reps = config.reps or size.reps
     case = case_label(out_f, in_f, tokens, dtype)
     params = {"out_features": out_f, "in_features": in_f, "tokens": tokens, "k": K,
@@ -172,7 +186,10 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
     config.log(f"[{FAMILY} {device}] {case}")
     data = make_data(out_f, in_f, tokens, dtype, device)
     mask = mk.select_mask(data["scores"], K)
-    ours_name = f"subkern[{environment.backend_label(OP, backend)}]"
+    label = environment.backend_label(OP, backend)
+    default = matmul_strategy(torch.device(device))
+    alternative = "fused" if default == "materialize" else "materialize"
+    ours_name = f"subkern[{label}, {default}]" if other else f"subkern[{label}]"
 
     ours_total = _masked_step(data, backend, None)
     ours_kernel = _masked_step(data, backend, mask)
@@ -187,11 +204,10 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
         "ref": ("reference (sort+mul+F.linear+autograd)", reference, size.slow_reps),
         "dense": ("dense F.linear fwd+bwd", dense, reps),
     }
-    if materialized:
-        # the alternative to fusing the mask into the matmul: W * M written once, then cuBLAS
-        # (the reference kernels with the mask given; benchmarks/results/gpu/README.md)
-        impls["materialized"] = ("subkern[reference] fwd+bwd (mask given: W*M + cuBLAS)",
-                                 _masked_step(data, "reference", mask), reps)
+    if other:
+        # the other matmul strategy (on CUDA: the fused Triton matmul, mask applied on load)
+        impls["other"] = (f"subkern[{label}, {alternative}] fwd+bwd (mask given)",
+                          _masked_step(data, backend, mask, alternative), reps)
     timed = time_round_robin(impls, device, size.warmup)
     measured = {key: Measurement(impls[key][0], tokens, timed[key]) for key in impls}
     m_total, m_kernel, m_select, m_ref, m_dense = (
@@ -210,19 +226,21 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
                                notes=[select_note], **common))
     result.rows.append(compare(ours=m_kernel, rival=m_dense, target=dense_target,
                                notes=["mask given (selection excluded)"], **common))
-    if "materialized" in measured:
-        result.rows.append(compare(ours=measured["materialized"], rival=m_dense,
-                                   target=dense_target,
-                                   notes=["W * M materialised once per step, cuBLAS GEMMs"],
-                                   **common))
+    if "other" in measured:
+        result.rows.append(compare(ours=measured["other"], rival=m_dense, target=dense_target,
+                                   notes=[f"matmul strategy {alternative}"], **common))
     if device == "cuda":
-        m_fwd = _measure(f"{ours_name} forward (mask given)", _masked_forward(data, mask),
-                         tokens, device, size.warmup, reps)
         m_dfwd = _measure("cuBLAS F.linear forward", _dense_forward(data), tokens, device,
                           size.warmup, reps)
-        result.rows.append(compare(ours=m_fwd, rival=m_dfwd, target=TARGET_VS_DENSE_GPU,
-                                   notes=["forward only: fused masked matmul vs cuBLAS"],
-                                   **common))
+        forwards = {ours_name: default}
+        if other:
+            forwards[f"subkern[{label}, {alternative}]"] = alternative
+        for name, strategy in forwards.items():
+            m_fwd = _measure(f"{name} forward (mask given)", _masked_forward(data, mask, strategy),
+                             tokens, device, size.warmup, reps)
+            result.rows.append(compare(ours=m_fwd, rival=m_dfwd, target=TARGET_VS_DENSE_GPU,
+                                       notes=["forward only: masked matmul vs cuBLAS"],
+                                       **common))
 
 
 def run(config: BenchConfig) -> BenchResult:

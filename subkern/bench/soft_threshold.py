@@ -9,8 +9,11 @@ shapes (weight, input and bias gradients), i.e. the work of an ordinary layer.
 Implementations:
 
 * ``subkern[<backend>]``: ``soft_threshold_linear`` / ``soft_threshold_conv2d`` (C++ on CPU:
-  fused ``W_eff`` build + BLAS, fused gradient epilogue; Triton on CUDA: the threshold applied
-  to the weight tiles, ``W_eff`` never in global memory);
+  fused ``W_eff`` build + BLAS, fused gradient epilogue). On CUDA the Triton backend's two
+  matmul strategies (subkern/ops/matmul_strategy.py) are both timed: ``materialize`` (the
+  default: ``W_eff`` written once by an elementwise kernel, cuBLAS GEMMs, one elementwise
+  gradient pass) and ``fused`` (the threshold applied to the weight tiles as they load,
+  ``W_eff`` never in global memory);
 * ``reference``: ``sign(W) * relu(|W| - sigmoid(s))`` in torch ops, ``F.linear``, autograd;
 * ``dense``: the dense layer (MKL / oneDNN on CPU, cuBLAS / cuDNN on GPU).
 
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from ..ops import soft_threshold as st
+from ..ops.matmul_strategy import matmul_strategy, use_matmul_strategy
 from . import environment
 from .harness import BenchConfig, BenchResult, Measurement, compare, time_fn, time_round_robin
 
@@ -141,22 +145,38 @@ def _leaves(data: dict[str, Any]) -> list[torch.Tensor]:
     return [data[k].clone().requires_grad_() for k in ("x", "weight", "s", "bias")]
 
 
-def _step(data: dict[str, Any], fn: Callable[..., torch.Tensor], backend: str | None) -> Step:
-    """Forward + backward of ``fn(x, weight, s, bias)``; returns y and the four gradients."""
+def _step(data: dict[str, Any], fn: Callable[..., torch.Tensor], backend: str | None,
+          strategy: str = "auto") -> Step:
+    """Forward + backward of ``fn(x, weight, s, bias)`` (the Triton backend's matmul
+    ``strategy``, subkern/ops/matmul_strategy.py); returns y and the four gradients."""
     leaves = _leaves(data)
 
     def step():
         for t in leaves:
             t.grad = None
-        if backend is None:
-            y = fn(*leaves)
-        else:
-            with _backend.use_backend(backend):
+        with use_matmul_strategy(strategy):
+            if backend is None:
                 y = fn(*leaves)
-        y.backward(data["grad_y"])
+            else:
+                with _backend.use_backend(backend):
+                    y = fn(*leaves)
+            y.backward(data["grad_y"])
         return (y, *(t.grad for t in leaves))
 
     return step
+
+
+def _linear_forward(data: dict[str, Any]) -> Callable[[str], Callable[[], Any]]:
+    """Ours' forward (the op, no autograd) for a given matmul strategy."""
+    def for_strategy(strategy: str) -> Callable[[], Any]:
+        def forward():
+            with use_matmul_strategy(strategy):
+                return torch.ops.subkern.soft_threshold_linear(data["x"], data["weight"],
+                                                                data["s"], data["bias"])
+
+        return forward
+
+    return for_strategy
 
 
 def _linear_fns() -> dict[str, Callable[..., torch.Tensor]]:
@@ -188,12 +208,18 @@ def check_match(ours: tuple, ref: tuple, dtype: torch.dtype) -> tuple[bool, str]
 def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
               params: dict[str, Any], items: int, data: dict[str, Any],
               fns: dict[str, Callable[..., torch.Tensor]], dtype: torch.dtype, backend: str,
-              op: str, dense_name: str, forward: tuple[Callable[[], Any], Callable[[], Any]]
-              | None) -> None:
+              op: str, dense_name: str,
+              forward: tuple[Callable[[str], Callable[[], Any]], Callable[[], Any]] | None,
+              both_strategies: bool = False) -> None:
+    """One case; ``both_strategies``: the Triton backend's two matmul strategies are timed
+    (``forward``: ours' forward for a strategy, and the dense forward)."""
     device = config.device
     reps = config.reps or size.reps
     config.log(f"[{FAMILY} {device}] {case}")
-    ours_name = f"subkern[{environment.backend_label(op, backend)}]"
+    label = environment.backend_label(op, backend)
+    default = matmul_strategy(torch.device(device))
+    alternative = "fused" if default == "materialize" else "materialize"
+    ours_name = f"subkern[{label}, {default}]" if both_strategies else f"subkern[{label}]"
     ours = _step(data, fns["ours"], backend)
     reference = _step(data, fns["ref"], None)
     dense = _step(data, fns["dense"], None)
@@ -203,26 +229,38 @@ def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
         "ref": ("reference (torch ops + autograd) fwd+bwd", reference, size.slow_reps),
         "dense": (f"dense {dense_name} fwd+bwd", dense, reps),
     }
+    if both_strategies:
+        impls["other"] = (f"subkern[{label}, {alternative}] fwd+bwd",
+                          _step(data, fns["ours"], backend, alternative), reps)
     timed = time_round_robin(impls, device, size.warmup)
-    m_ours, m_ref, m_dense = (Measurement(impls[key][0], items, timed[key]) for key in impls)
-    for m in (m_ours, m_ref, m_dense):
+    measured = {key: Measurement(impls[key][0], items, timed[key]) for key in impls}
+    for m in measured.values():
         data_json = m.to_json()
         data_json["case"] = case
         result.measurements.append(data_json)
     common = {"family": FAMILY, "device": device, "case": case, "params": params,
               "items": items, "stat": config.stat, "match": match, "match_detail": detail}
     dense_target = TARGET_VS_DENSE_GPU if device == "cuda" else None
-    result.rows.append(compare(ours=m_ours, rival=m_ref, **common))
+    m_ours, m_dense = measured["ours"], measured["dense"]
+    result.rows.append(compare(ours=m_ours, rival=measured["ref"], **common))
     result.rows.append(compare(ours=m_ours, rival=m_dense, target=dense_target, **common))
+    if "other" in measured:
+        result.rows.append(compare(ours=measured["other"], rival=m_dense, target=dense_target,
+                                   notes=[f"matmul strategy {alternative}"], **common))
     if forward is not None:
         ours_fwd, dense_fwd = forward
-        m_fwd = Measurement(f"{ours_name} forward", items,
-                            time_fn(ours_fwd, device, warmup=size.warmup, reps=reps))
         m_dfwd = Measurement(f"dense {dense_name} forward", items,
                              time_fn(dense_fwd, device, warmup=size.warmup, reps=reps))
-        result.rows.append(compare(ours=m_fwd, rival=m_dfwd, target=TARGET_VS_DENSE_GPU,
-                                   notes=["forward only: fused soft-threshold matmul vs "
-                                          "cuBLAS"], **common))
+        forwards = {ours_name: default}
+        if both_strategies:
+            forwards[f"subkern[{label}, {alternative}]"] = alternative
+        for name, strategy in forwards.items():
+            m_fwd = Measurement(f"{name} forward", items,
+                                time_fn(ours_fwd(strategy), device, warmup=size.warmup,
+                                        reps=reps))
+            result.rows.append(compare(ours=m_fwd, rival=m_dfwd, target=TARGET_VS_DENSE_GPU,
+                                       notes=["forward only: soft-threshold matmul vs cuBLAS"],
+                                       **common))
 
 
 def run(config: BenchConfig) -> BenchResult:
@@ -256,13 +294,13 @@ def run(config: BenchConfig) -> BenchResult:
                     data = make_data(out_f, in_f, tokens, dtype, config.device)
                     forward = None
                     if config.device == "cuda":
-                        forward = (lambda d=data: torch.ops.subkern.soft_threshold_linear(
-                                       d["x"], d["weight"], d["s"], d["bias"]),
+                        forward = (_linear_forward(data),
                                    lambda d=data: F.linear(d["x"], d["weight"], d["bias"]))
                     params = {"out_features": out_f, "in_features": in_f, "tokens": tokens,
                               "dtype": str(dtype), "backend": backend}
                     _run_case(config, size, result, case, params, tokens, data, _linear_fns(),
-                              dtype, backend, OP, "F.linear", forward)
+                              dtype, backend, OP, "F.linear", forward,
+                              both_strategies=backend == "triton")
                 except Exception as err:  # noqa: BLE001 - reported, the other cases still run
                     result.errors.append({"what": case, "error": f"{type(err).__name__}: {err}"})
         for conv in size.convs:

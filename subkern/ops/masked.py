@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from .library import LIB, has_kernel, qualname
+from .matmul_strategy import matmul_strategy
 from .topk_mask import topk_mask_bool as _topk_mask_bool
 
 __all__ = [
@@ -368,6 +369,8 @@ torch.library.register_autograd(qualname("masked_conv2d_with_mask"), _conv_backw
 # --------------------------------------------------------------------------------------------
 
 def _triton_linear_with_mask(x, weight, scores, mask, bias):
+    if matmul_strategy(x.device) == "materialize":  # W * M once, then torch's GEMM (cuBLAS)
+        return F.linear(x, weight * mask, bias)
     from ..kernels import masked_matmul
 
     return masked_matmul.masked_linear_forward(x, weight, mask, bias)
@@ -376,8 +379,10 @@ def _triton_linear_with_mask(x, weight, scores, mask, bias):
 def _triton_linear_backward(grad_y, x, weight, scores, mask, output_mask):
     from ..kernels import masked_matmul
 
-    return masked_matmul.masked_linear_backward(grad_y, x, weight, scores, mask,
-                                                tuple(bool(v) for v in output_mask))
+    need = tuple(bool(v) for v in output_mask)
+    if matmul_strategy(x.device) == "materialize":
+        return masked_matmul.materialized_linear_backward(grad_y, x, weight, scores, mask, need)
+    return masked_matmul.masked_linear_backward(grad_y, x, weight, scores, mask, need)
 
 
 class _TritonMaskedLinear(torch.autograd.Function):

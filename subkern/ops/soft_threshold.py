@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from .library import LIB, has_kernel, qualname
+from .matmul_strategy import matmul_strategy
 
 __all__ = [
     "soft_threshold",
@@ -310,14 +311,18 @@ torch.library.register_autograd(qualname("soft_threshold_conv2d"), _conv_backwar
 def _triton_linear(x, weight, s, bias):
     from ..kernels import soft_threshold as kern
 
+    if matmul_strategy(x.device) == "materialize":  # W_eff once, then torch's GEMM (cuBLAS)
+        return F.linear(x, kern.soft_threshold_forward(weight, s), bias)
     return kern.soft_threshold_linear_forward(x, weight, threshold(weight, s).reshape(-1), bias)
 
 
 def _triton_linear_backward(grad_y, x, weight, s, output_mask):
     from ..kernels import soft_threshold as kern
 
-    return kern.soft_threshold_linear_backward(grad_y, x, weight, s,
-                                               tuple(bool(v) for v in output_mask))
+    need = tuple(bool(v) for v in output_mask)
+    if matmul_strategy(x.device) == "materialize":
+        return kern.materialized_linear_backward(grad_y, x, weight, s, need)
+    return kern.soft_threshold_linear_backward(grad_y, x, weight, s, need)
 
 
 class _TritonSoftThresholdLinear(torch.autograd.Function):
