@@ -41,6 +41,18 @@ def test_info_text_mentions_every_op_and_device(capsys):
     assert "cuda" in out
 
 
+def test_info_reports_the_gpu_matmul_strategy(monkeypatch, capsys):
+    monkeypatch.delenv("SUBKERN_GPU_MATMUL", raising=False)
+    assert environment.collect()["gpu_matmul_strategy"] == "auto (CUDA: materialize)"
+    monkeypatch.setenv("SUBKERN_GPU_MATMUL", "fused")
+    assert environment.collect()["gpu_matmul_strategy"] == "fused"
+    monkeypatch.setenv("SUBKERN_GPU_MATMUL", "tiles")
+    assert cli.main(["info"]) == 0      # a bad value is reported, not raised
+    out = capsys.readouterr().out
+    assert ("gpu training matmul strategy (SUBKERN_GPU_MATMUL): invalid "
+            "(SUBKERN_GPU_MATMUL must be one of auto, fused, materialize; got 'tiles')") in out
+
+
 def test_info_json_has_op_table():
     info = environment.collect()
     rendered = json.loads(json.dumps(info))       # JSON-serialisable as is

@@ -18,6 +18,7 @@ import torch
 
 from .. import _ext
 from .. import backend as _backend
+from ..ops import matmul_strategy
 from ..version import __version__
 
 #: Devices that the op table covers.
@@ -237,6 +238,16 @@ def backend_table() -> list[dict[str, Any]]:
     return table
 
 
+def _gpu_matmul_strategy() -> str:
+    """The Triton backend's training-matmul strategy for CUDA tensors (or why it is invalid)."""
+    try:
+        requested = matmul_strategy.requested_strategy()
+        chosen = matmul_strategy.matmul_strategy(torch.device("cuda"))
+    except ValueError as err:
+        return f"invalid ({err})"
+    return chosen if requested == chosen else f"{requested} (CUDA: {chosen})"
+
+
 def collect() -> dict[str, Any]:
     """Everything ``subkern info`` reports, as a JSON-serialisable dict."""
     return {
@@ -249,6 +260,7 @@ def collect() -> dict[str, Any]:
         "build": build_status(),
         "backend_request": _backend.get_backend(),
         "triton_interpret": _backend.triton_interpreted(),
+        "gpu_matmul_strategy": _gpu_matmul_strategy(),
         "ops": backend_table(),
     }
 
@@ -290,6 +302,7 @@ def format_info(info: dict[str, Any]) -> str:
         add(f"subkern._C: not loaded ({build['ext_error']})")
     add(f"backend requested: {info['backend_request']}  (TRITON_INTERPRET="
         f"{'1' if info['triton_interpret'] else '0'})")
+    add(f"gpu training matmul strategy (SUBKERN_GPU_MATMUL): {info['gpu_matmul_strategy']}")
     add("")
     ops = info["ops"]
     width = max(len(entry["op"]) for entry in ops) if ops else 10
