@@ -56,6 +56,21 @@ def _mac_step(acc, a_ptr, b_ptr, m_ptr, offs_m, offs_n, offs_k, in_m, in_n, k0, 
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
+@triton.jit
+def _store_weight_grads(g, w_ptr, s_ptr, mk_ptr, gs_ptr, gw_ptr, off, inside,
+                        WITH_S: tl.constexpr, WITH_GW: tl.constexpr):
+    """From ``G`` (the output dtype) at offsets ``off``: ``gs = (G * W) * sign(S)`` (sign 0 for
+    +-0 and NaN, as torch.sign) and ``gw = G * M``: autograd's products, in its order."""
+    if WITH_S:
+        w = tl.load(w_ptr + off, mask=inside, other=0.0)
+        s = tl.load(s_ptr + off, mask=inside, other=0.0)
+        sgn = ((s > 0).to(tl.int8) - (s < 0).to(tl.int8)).to(g.dtype)
+        tl.store(gs_ptr + off, (g * w) * sgn, mask=inside)
+    if WITH_GW:
+        keep = tl.load(mk_ptr + off, mask=inside, other=0)
+        tl.store(gw_ptr + off, g * keep.to(g.dtype), mask=inside)
+
+
 @triton.autotune(configs=matmul_configs(), key=["P", "Q", "R", "MASK_B", "EPILOGUE", "WITH_GW"],
                  reset_to_zero=None)
 @triton.jit
@@ -99,14 +114,8 @@ def _masked_matmul_kernel(
         tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
     else:
         # weight-gradient epilogue on [out, in] tiles; W, S, M, outputs share C's strides
-        g = acc.to(c_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + c_off, mask=out_mask, other=0.0)
-        s = tl.load(s_ptr + c_off, mask=out_mask, other=0.0)
-        sgn = ((s > 0).to(tl.int8) - (s < 0).to(tl.int8)).to(g.dtype)
-        tl.store(c_ptr + c_off, (g * w) * sgn, mask=out_mask)
-        if WITH_GW:
-            keep = tl.load(mk_ptr + c_off, mask=out_mask, other=0)
-            tl.store(gw_ptr + c_off, g * keep.to(g.dtype), mask=out_mask)
+        _store_weight_grads(acc.to(c_ptr.dtype.element_ty), w_ptr, s_ptr, mk_ptr, c_ptr, gw_ptr,
+                            c_off, out_mask, True, WITH_GW)
 
 
 def masked_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
@@ -203,19 +212,12 @@ def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.
 def _masked_weight_grads_kernel(g_ptr, w_ptr, s_ptr, mk_ptr, gs_ptr, gw_ptr, n,
                                 WITH_S: tl.constexpr, WITH_GW: tl.constexpr,
                                 BLOCK: tl.constexpr):
-    """``gs = (G * W) * sign(S)`` and ``gw = G * M`` over contiguous tensors of ``n`` elements
-    (the products and their order as the matmul epilogue above, hence autograd's)."""
+    """The matmul kernel's weight-gradient epilogue as one elementwise pass over contiguous
+    tensors of ``n`` elements."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     g = tl.load(g_ptr + offs, mask=inside, other=0.0)
-    if WITH_S:
-        w = tl.load(w_ptr + offs, mask=inside, other=0.0)
-        s = tl.load(s_ptr + offs, mask=inside, other=0.0)
-        sgn = ((s > 0).to(tl.int8) - (s < 0).to(tl.int8)).to(g.dtype)
-        tl.store(gs_ptr + offs, (g * w) * sgn, mask=inside)
-    if WITH_GW:
-        keep = tl.load(mk_ptr + offs, mask=inside, other=0)
-        tl.store(gw_ptr + offs, g * keep.to(g.dtype), mask=inside)
+    _store_weight_grads(g, w_ptr, s_ptr, mk_ptr, gs_ptr, gw_ptr, offs, inside, WITH_S, WITH_GW)
 
 
 _ELEMENTWISE_BLOCK = 256 if INTERPRET else 2048

@@ -27,7 +27,6 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this op on this device."""
 
 
-_local = threading.local()
 
 
 def _validate(name: str, source: str) -> str:
@@ -70,9 +69,9 @@ def _env_raw() -> str | None:
 def get_backend() -> str:
     """The requested backend: innermost :func:`use_backend`, else ``SUBKERN_BACKEND``, else auto."""
     global _env_backend
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    scoped = use_backend.innermost()
+    if scoped is not None:
+        return scoped
     raw = _env_raw()
     cached_raw, name = _env_backend
     if raw != cached_raw:
@@ -81,27 +80,45 @@ def get_backend() -> str:
     return name
 
 
-class use_backend:  # noqa: N801 - used as a function: ``with use_backend("reference"):``
-    """Force a backend inside a ``with`` block (thread-local): ``with use_backend("reference")``.
-
-    The ``as`` target is the validated name. A class rather than a generator-based context
-    manager: entering and leaving costs about a quarter as much, which shows on batch-1 calls.
-    """
+class ScopedChoice:
+    """Base of the ``with``-block choices (:class:`use_backend`,
+    :class:`subkern.use_matmul_strategy`): ``name`` is pushed on a per-thread stack while the
+    block runs; the innermost block wins. A subclass sets ``_local`` (its own
+    ``threading.local``) and validates ``name`` in ``__init__``. The ``as`` target is the
+    validated name. A class rather than a generator-based context manager: entering and leaving
+    costs about a quarter as much, which shows on batch-1 calls."""
 
     __slots__ = ("name",)
+    _local: threading.local
 
     def __init__(self, name: str) -> None:
-        self.name = _validate(name, "backend")
+        self.name = name
+
+    @classmethod
+    def innermost(cls) -> str | None:
+        """The name of the innermost active block of this thread, or None."""
+        stack = getattr(cls._local, "stack", None)
+        return stack[-1] if stack else None
 
     def __enter__(self) -> str:
-        stack = getattr(_local, "stack", None)
+        stack = getattr(self._local, "stack", None)
         if stack is None:
-            stack = _local.stack = []
+            stack = self._local.stack = []
         stack.append(self.name)
         return self.name
 
     def __exit__(self, *exc: object) -> None:
-        _local.stack.pop()
+        self._local.stack.pop()
+
+
+class use_backend(ScopedChoice):  # noqa: N801 - used as a function: ``with use_backend(...):``
+    """Force a backend inside a ``with`` block (thread-local): ``with use_backend("reference")``."""
+
+    __slots__ = ()
+    _local = threading.local()
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_validate(name, "backend"))
 
 
 def triton_importable() -> bool:

@@ -44,6 +44,17 @@ def _check(got, want, dtype):
     torch.testing.assert_close(got.double() / scale, want / scale, rtol=TOL[dtype],
                                atol=TOL[dtype])
 
+def _check_grads(need, grads, grads_ref, dtype):
+    """Each asked-for gradient matches the reference (shape, dtype, values); the others are
+    empty tensors."""
+    for flag, got, want in zip(need, grads, grads_ref, strict=True):
+        if flag:
+            assert got.shape == want.shape and got.dtype == dtype
+            _check(got, want, dtype)
+        else:
+            assert got.numel() == 0
+
+
 
 def _dtypes():
     out = [torch.float32, torch.float16]
@@ -71,12 +82,7 @@ def test_kernels_match_reference(dtype, shape_x, out_f, bias, need):
     assert y.dtype == dtype and y.shape == y_ref.shape
     _check(y, y_ref, dtype)
     grads = masked_matmul.masked_linear_backward(gy, x, w, s, mask, need)
-    for flag, got, want in zip(need, grads, grads_ref, strict=True):
-        if flag:
-            assert got.shape == want.shape and got.dtype == dtype
-            _check(got, want, dtype)
-        else:
-            assert got.numel() == 0
+    _check_grads(need, grads, grads_ref, dtype)
 
 
 def test_public_api_triton_backend_autograd():
@@ -162,12 +168,7 @@ def test_materialize_strategy_matches_reference(dtype, shape_x, out_f, need):
         grads = mk._triton_linear_backward(gy, x, w, s, mask, list(need))
     assert y.dtype == dtype and y.shape == y_ref.shape
     _check(y, y_ref, dtype)
-    for flag, got, want in zip(need, grads, grads_ref, strict=True):
-        if flag:
-            assert got.shape == want.shape and got.dtype == dtype
-            _check(got, want, dtype)
-        else:
-            assert got.numel() == 0
+    _check_grads(need, grads, grads_ref, dtype)
     direct = masked_matmul.materialized_linear_backward(gy, x, w, s, mask, need)
     for got, want in zip(direct, grads, strict=True):
         assert torch.equal(got, want)

@@ -32,6 +32,17 @@ def _reference(x, w, s, b, gy):
 def _check(got, want, dtype):
     assert_close_scaled(got, want, TOL[dtype])
 
+def _check_grads(need, grads, grads_ref, dtype):
+    """Each asked-for gradient matches the reference (shape, dtype, values); the others are
+    empty tensors."""
+    for flag, got, want in zip(need, grads, grads_ref, strict=True):
+        if flag:
+            assert got.shape == want.shape and got.dtype == want.dtype
+            _check(got, want, dtype)
+        else:
+            assert got.numel() == 0
+
+
 
 def _triton_linear_matches_reference(x, w, s, b, gy, strategy="auto"):
     """Run the public ``soft_threshold_linear`` on the Triton backend (forward and backward of
@@ -70,12 +81,7 @@ def test_kernels_match_reference(dtype, shape_x, out_f, bias, per_channel, need)
     assert y.dtype == dtype and y.shape == y_ref.shape
     _check(y, y_ref, dtype)
     grads = kern.soft_threshold_linear_backward(gy, x, w, s, need)
-    for flag, got, want in zip(need, grads, grads_ref, strict=True):
-        if flag:
-            assert got.shape == want.shape and got.dtype == want.dtype
-            _check(got, want, dtype)
-        else:
-            assert got.numel() == 0
+    _check_grads(need, grads, grads_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", triton_test_dtypes(DEVICE))
@@ -101,12 +107,7 @@ def test_materialize_strategy_matches_reference(dtype, shape_x, out_f, per_chann
         grads = st._triton_linear_backward(gy, x, w, s, list(need))
     assert y.dtype == dtype and y.shape == y_ref.shape
     _check(y, y_ref, dtype)
-    for flag, got, want in zip(need, grads, grads_ref, strict=True):
-        if flag:
-            assert got.shape == want.shape and got.dtype == want.dtype
-            _check(got, want, dtype)
-        else:
-            assert got.numel() == 0
+    _check_grads(need, grads, grads_ref, dtype)
     direct = kern.materialized_linear_backward(gy, x, w, s, need)
     for got, want in zip(direct, grads, strict=True):
         assert torch.equal(got, want)

@@ -43,7 +43,6 @@ STRATEGIES = ("auto", "fused", "materialize")
 
 _ENV = "SUBKERN_GPU_MATMUL"
 _env_key = _backend._env_key(_ENV)
-_local = threading.local()
 
 
 def _validate(name: object, source: str) -> str:
@@ -55,9 +54,9 @@ def _validate(name: object, source: str) -> str:
 
 def requested_strategy() -> str:
     """The requested strategy: innermost :func:`use_matmul_strategy`, else the environment."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    scoped = use_matmul_strategy.innermost()
+    if scoped is not None:
+        return scoped
     raw = _backend._env_read(_ENV, _env_key)
     return "auto" if raw is None else _validate(raw, _ENV)
 
@@ -70,21 +69,12 @@ def matmul_strategy(device: torch.device) -> str:
     return "materialize" if torch.device(device).type == "cuda" else "fused"
 
 
-class use_matmul_strategy:  # noqa: N801 - used as a function, like subkern.use_backend
+class use_matmul_strategy(_backend.ScopedChoice):  # noqa: N801 - used as a function
     """Force a strategy inside a ``with`` block (thread-local):
     ``with use_matmul_strategy("fused"): ...``."""
 
-    __slots__ = ("name",)
+    __slots__ = ()
+    _local = threading.local()
 
     def __init__(self, name: str) -> None:
-        self.name = _validate(name, "strategy")
-
-    def __enter__(self) -> str:
-        stack = getattr(_local, "stack", None)
-        if stack is None:
-            stack = _local.stack = []
-        stack.append(self.name)
-        return self.name
-
-    def __exit__(self, *exc: object) -> None:
-        _local.stack.pop()
+        super().__init__(_validate(name, "strategy"))
