@@ -1,0 +1,194 @@
+"""Compile every Triton kernel of ``subkern.kernels`` for an NVIDIA GPU without one.
+
+The Triton tests run the kernels under the interpreter (``TRITON_INTERPRET=1``) on machines
+without a GPU. The interpreter checks what the kernels compute, not that they compile: a kernel
+can pass there and fail to lower to PTX (an op without a GPU lowering, a dtype the interpreter
+lacks such as bfloat16, a shape or layout rule only the compiler enforces). This script runs
+the kernels' own Python wrappers on small CPU tensors with a stand-in Triton driver that
+reports an NVIDIA target (``--arch``, e.g. 90 for H100) and never launches: every
+``kernel[grid](...)`` goes through Triton's real argument binding and specialization and then
+``triton.compile`` down to a cubin with the ptxas that ships with Triton. Autotuned kernels
+compile every configuration the autotuner would try (``SUBKERN_TRITON_AUTOTUNE=0``: the one
+fixed configuration, which is what ``--quick`` sets).
+
+Nothing runs on a device, so the wrappers' outputs are garbage; only compilation is checked.
+Run it in its own process (it must import triton without ``TRITON_INTERPRET``):
+
+    python benchmarks/triton_aot_check.py [--arch 90] [--quick]
+
+``tests/test_triton_gpu_compile.py`` runs it (``--quick``) in the CPU suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+ARCHES = (80, 90)
+
+
+def _install_fake_driver(arch: int) -> list[str]:
+    """Make Triton compile for ``sm_<arch>`` and skip launches; returns the compile log."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import autotuner, driver, jit
+
+    compiled: list[str] = []
+
+    class CompileOnlyDriver:
+        """The parts of a Triton driver that binding and compiling use (no CUDA needed)."""
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            import torch
+
+            return torch.device("cpu")
+
+    driver.set_active(CompileOnlyDriver())
+    real_run = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append(f"{self.fn.__name__} ({len(kernel.asm['cubin'])} B cubin)")
+        return kernel
+
+    def autotune_all(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        return self.warmup(*args, **kwargs)
+
+    jit.JITFunction.run = compile_only
+    autotuner.Autotuner.run = autotune_all
+    del triton
+    return compiled
+
+
+def _cases() -> list[tuple[str, Callable[[], object]]]:
+    """(name, call) for every kernel wrapper, over the dtypes and options that select distinct
+    kernel specializations."""
+    import torch
+    from subkern.kernels import hamming, masked_matmul, soft_threshold, sparse_linear, ternary
+    from subkern.kernels import topk_mask as topk
+
+    from subkern.ops.sparse_linear import pack_bitmap
+
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape).to(dtype)
+
+    cases: list[tuple[str, Callable[[], object]]] = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).replace("torch.", "")
+        x, w, s, b = t(8, 64, dtype=dtype), t(48, 64, dtype=dtype), t(48, 64, dtype=dtype), \
+            t(48, dtype=dtype)
+        gy = t(8, 48, dtype=dtype)
+        mask = s > 0
+        cases += [
+            (f"masked_linear_forward {name}",
+             lambda x=x, w=w, m=mask, b=b: masked_matmul.masked_linear_forward(x, w, m, b)),
+            (f"masked_linear_backward {name}",
+             lambda gy=gy, x=x, w=w, s=s, m=mask: masked_matmul.masked_linear_backward(
+                 gy, x, w, s, m, (True, True, True))),
+            (f"masked_weight_grads {name}",
+             lambda w=w, s=s, m=mask: masked_matmul.masked_weight_grads(w, w, s, m, True, True)),
+        ]
+        for per_channel in (False, True):
+            st = (t(48) - 1) if per_channel else torch.tensor(-1.0)
+            thr = torch.sigmoid(st).reshape(-1)
+            tag = f"{name} {'per-channel' if per_channel else 'per-layer'}"
+            cases += [
+                (f"soft_threshold_forward {tag}",
+                 lambda w=w, st=st: soft_threshold.soft_threshold_forward(w, st)),
+                (f"soft_threshold_grads {tag}",
+                 lambda w=w, st=st: soft_threshold.soft_threshold_grads(w, w, st, True, True)),
+                (f"soft_threshold_linear_forward {tag}",
+                 lambda x=x, w=w, thr=thr, b=b: soft_threshold.soft_threshold_linear_forward(
+                     x, w, thr, b)),
+                (f"soft_threshold_linear_backward {tag}",
+                 lambda gy=gy, x=x, w=w, st=st: soft_threshold.soft_threshold_linear_backward(
+                     gy, x, w, st, (True, True, True))),
+            ]
+        cases.append((f"topk_mask {name}", lambda s=s: topk.topk_mask(s, 0.3)))
+        cases.append((f"topk_mask_batched {name}",
+                      lambda s=s, w=w: topk.topk_mask_batched([s, w[:5]], [0.3, 0.5])))
+    cases.append(("topk_mask float64", lambda: topk.topk_mask(t(48, 64).double(), 0.3)))
+
+    out_f, in_f = 40, 70
+    dense = t(out_f, in_f) * (torch.rand(out_f, in_f) < 0.3)
+    row_ptr = torch.zeros(out_f + 1, dtype=torch.int64)
+    row_ptr[1:] = (dense != 0).sum(1).cumsum(0)
+    cols = dense.nonzero()[:, 1]
+    for idx_dtype in (torch.int16, torch.int32):
+        for val_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            vals = dense[dense != 0].to(val_dtype)
+            ci = cols.to(idx_dtype)
+            tag = f"{str(idx_dtype)[6:]} {str(val_dtype)[6:]}"
+            for batch in (1, 4, 40):
+                cases.append((f"csr_linear {tag} batch {batch}",
+                              lambda ci=ci, v=vals, n=batch: sparse_linear.csr_linear(
+                                  t(n, in_f), row_ptr, ci, v, in_f, t(out_f))))
+            cases.append((f"csr_matmul {tag}",
+                          lambda ci=ci, v=vals: sparse_linear.csr_matmul(
+                              row_ptr, ci, v, t(in_f, 33), in_f)))
+    for val_dtype in (torch.float32, torch.bfloat16):
+        packed = pack_bitmap(dense, val_dtype)
+        cases.append((f"bitmap_linear {str(val_dtype)[6:]}",
+                      lambda p=packed: sparse_linear.bitmap_linear(
+                          t(3, in_f), p["bitmap"], p["row_ptr"], p["values"], in_f, t(out_f))))
+    mask_bits = torch.randint(0, 255, (out_f, 12), dtype=torch.uint8)   # 70 bits in 3 words
+    for dtype in (torch.float32, torch.bfloat16):
+        cases.append((f"ternary_linear {str(dtype)[6:]}", lambda d=dtype: ternary.ternary_linear(
+            t(3, in_f, dtype=d), mask_bits, mask_bits, 0.5, in_f, None)))
+    for nbytes in (8, 32):
+        q = torch.randint(0, 255, (5, nbytes), dtype=torch.uint8)
+        db = torch.randint(0, 255, (300, nbytes), dtype=torch.uint8)
+        cases.append((f"hamming_distance {8 * nbytes} bits",
+                      lambda q=q, db=db: hamming.hamming_distance(q, db)))
+        for k in (1, 10, 100):
+            cases.append((f"hamming_topk {8 * nbytes} bits k={k}",
+                          lambda q=q, db=db, k=k: hamming.hamming_topk(q, db, k)))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=ARCHES,
+                        help="compute capability to compile for (default 90: H100)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one configuration per autotuned kernel (SUBKERN_TRITON_AUTOTUNE=0)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: this check compiles for a GPU", file=sys.stderr)
+        return 2
+    if args.quick:
+        os.environ["SUBKERN_TRITON_AUTOTUNE"] = "0"
+    compiled = _install_fake_driver(args.arch)
+    failures = []
+    start = time.perf_counter()
+    for name, call in _cases():
+        before = len(compiled)
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - every failure is reported, then exit 1
+            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            continue
+        if len(compiled) == before:
+            failures.append(f"{name}: no kernel compiled (the wrapper took another path)")
+    print(f"sm_{args.arch}: {len(compiled)} kernel compilations in "
+          f"{time.perf_counter() - start:.1f} s; {len(failures)} failures")
+    for line in failures:
+        print("FAIL", line)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
