@@ -9,7 +9,8 @@ reports an NVIDIA target (``--arch``, e.g. 90 for H100) and never launches: ever
 ``kernel[grid](...)`` goes through Triton's real argument binding and specialization and then
 ``triton.compile`` down to a cubin with the ptxas that ships with Triton. Autotuned kernels
 compile every configuration the autotuner would try (``SUBKERN_TRITON_AUTOTUNE=0``: the one
-fixed configuration, which is what ``--quick`` sets).
+fixed configuration, which is what ``--quick`` sets). A kernel launched without the autotuner
+that needs more shared memory than the GPU has per block is reported as a failure.
 
 Nothing runs on a device, so the wrappers' outputs are garbage; only compilation is checked.
 Run it in its own process (it must import triton without ``TRITON_INTERPRET``):
@@ -28,10 +29,17 @@ import time
 from collections.abc import Callable
 
 ARCHES = (80, 90)
+OVERSIZED: list[str] = []
 
 
-def _install_fake_driver(arch: int) -> list[str]:
-    """Make Triton compile for ``sm_<arch>`` and skip launches; returns the compile log."""
+#: shared memory one block may use (bytes): sm_80 (A100) and sm_90 (H100)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def _install_fake_driver(arch: int, shared_limit: int | None = None) -> list[str]:
+    """Make Triton compile for ``sm_<arch>`` and skip launches; returns the compile log, and
+    records in ``OVERSIZED`` every non-autotuned kernel whose shared memory exceeds the arch's
+    limit (it would fail to launch; the autotuner skips such configurations itself)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import autotuner, driver, jit
@@ -58,14 +66,25 @@ def _install_fake_driver(arch: int) -> list[str]:
     driver.set_active(CompileOnlyDriver())
     real_run = jit.JITFunction.run
 
+    autotuning = []
+    limit = SHARED_LIMIT[arch] if shared_limit is None else shared_limit
+
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append(f"{self.fn.__name__} ({len(kernel.asm['cubin'])} B cubin)")
+        shared = kernel.metadata.shared
+        compiled.append(f"{self.fn.__name__} ({len(kernel.asm['cubin'])} B cubin, "
+                        f"{shared} B shared)")
+        if shared > limit and not autotuning:
+            OVERSIZED.append(f"{self.fn.__name__}: {shared} B of shared memory > {limit} B")
         return kernel
 
     def autotune_all(self, *args, **kwargs):
         kwargs.pop("warmup", None)
-        return self.warmup(*args, **kwargs)
+        autotuning.append(True)
+        try:
+            return self.warmup(*args, **kwargs)
+        finally:
+            autotuning.pop()
 
     jit.JITFunction.run = compile_only
     autotuner.Autotuner.run = autotune_all
@@ -165,13 +184,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capability to compile for (default 90: H100)")
     parser.add_argument("--quick", action="store_true",
                         help="one configuration per autotuned kernel (SUBKERN_TRITON_AUTOTUNE=0)")
+    parser.add_argument("--verbose", action="store_true", help="list every compilation")
+    parser.add_argument("--shared-limit", type=int, default=None,
+                        help="shared memory per block in bytes (default: the arch's)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: this check compiles for a GPU", file=sys.stderr)
         return 2
     if args.quick:
         os.environ["SUBKERN_TRITON_AUTOTUNE"] = "0"
-    compiled = _install_fake_driver(args.arch)
+    compiled = _install_fake_driver(args.arch, args.shared_limit)
     failures = []
     start = time.perf_counter()
     for name, call in _cases():
@@ -183,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if len(compiled) == before:
             failures.append(f"{name}: no kernel compiled (the wrapper took another path)")
+    failures += OVERSIZED
     print(f"sm_{args.arch}: {len(compiled)} kernel compilations in "
           f"{time.perf_counter() - start:.1f} s; {len(failures)} failures")
+    if args.verbose:
+        print("\n".join(compiled))
     for line in failures:
         print("FAIL", line)
     return 1 if failures else 0
