@@ -26,8 +26,11 @@ Ops (schemas in the ``subkern`` library):
   with autograd through ``masked_linear_backward``; the C++ CPU kernels (``csrc/cpu/
   masked_linear.cpp``) build ``W * M`` in one fused multithreaded pass into a reused buffer and
   call the BLAS GEMM, and derive both weight-side gradients in one pass over ``G``; the Triton
-  kernels (``kernels/masked_matmul.py``, the CUDA path) apply the mask to the weight tiles in
-  registers, so ``W * M`` never reaches global memory;
+  backend (the CUDA path) has two strategies (:mod:`subkern.ops.matmul_strategy`):
+  ``materialize``, the default on CUDA (``W * M`` written once, cuBLAS GEMMs, both weight-side
+  gradients in one elementwise Triton pass over ``G``), and ``fused`` (``kernels/
+  masked_matmul.py``'s matmuls apply the mask to the weight tiles in registers, so ``W * M``
+  never reaches global memory);
 * ``masked_linear_select(x, weight, scores, k, bias) -> (y, mask, w_eff, w_sign)``: the CPU
   training step's forward (what :func:`masked_linear` runs on the ``cpp`` backend). One kernel
   selects the threshold (:mod:`subkern.ops.topk_mask`'s sample-bracket select) and then, in a

@@ -30,10 +30,12 @@ autograd):
   grad_s)``. The C++ CPU kernels (``csrc/cpu/soft_threshold.cpp``) build ``W_eff`` in one
   multithreaded pass into a reused buffer and call the BLAS GEMM; the backward computes
   ``G = grad_y^T x`` and then in one pass writes ``grad_weight`` over ``G``, the per-row partial
-  sums of ``grad_s`` and (for ``grad_x``) ``W_eff`` again. The Triton kernels
-  (``kernels/soft_threshold.py``, the CUDA path) apply the threshold to the weight tiles in
-  registers, so ``W_eff`` never reaches global memory, and run the same epilogue on the tiles of
-  ``G``;
+  sums of ``grad_s`` and (for ``grad_x``) ``W_eff`` again. The Triton backend (the CUDA path)
+  has two strategies (:mod:`subkern.ops.matmul_strategy`): ``materialize``, the default on CUDA
+  (``W_eff`` written once by the elementwise kernel, cuBLAS GEMMs, the gradient epilogue as one
+  elementwise pass over ``G``), and ``fused`` (``kernels/soft_threshold.py``'s matmuls apply
+  the threshold to the weight tiles in registers, so ``W_eff`` never reaches global memory, and
+  run the same epilogue on the tiles of ``G``);
 * ``soft_threshold_conv2d(x, weight, s, bias, stride, padding, dilation, groups)``: ``conv2d`` on
   ``W_eff`` (torch's convolution, forward and backward) with the fused threshold build and
   gradient epilogue.
