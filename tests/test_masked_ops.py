@@ -596,23 +596,33 @@ def test_bench_family_tiny():
                                                   "dense F.linear fwd+bwd"}
 
 
-def test_bench_case_with_both_matmul_strategies():
-    """The fused-strategy rows that CUDA runs add, exercised on CPU through the interpreter."""
+@pytest.mark.parametrize("env", [None, "materialize"])
+def test_bench_case_with_both_matmul_strategies(env, monkeypatch):
+    """The rows of both matmul strategies that CUDA runs, exercised on CPU through the
+    interpreter; each row is named after the strategy it ran and checked against the
+    reference (``SUBKERN_GPU_MATMUL`` swaps which one is the default)."""
     from subkern.bench import harness
     from subkern.bench import masked as bench_masked
 
     if _backend.unavailable_reason("triton", torch.device("cpu")) is not None:
         pytest.skip("triton cannot run CPU tensors here (TRITON_INTERPRET unset)")
+    if env is None:
+        monkeypatch.delenv("SUBKERN_GPU_MATMUL", raising=False)
+    else:
+        monkeypatch.setenv("SUBKERN_GPU_MATMUL", env)
+    default, other = ("fused", "materialize") if env is None else ("materialize", "fused")
     config = harness.BenchConfig(device="cpu", size="tiny", log=lambda _: None)
     result = harness.BenchResult(bench_masked.FAMILY, "cpu", "tiny")
     size = bench_masked.size_for("cpu", "tiny")
     out_f, in_f = size.layers[0]
     bench_masked._run_case(config, size, result, out_f, in_f, size.tokens[0], torch.float32,
                            "triton", both_strategies=True)
-    # on CPU the default strategy is fused, so the other one timed is materialize
-    rows = [row for row in result.rows if "materialize" in row.ours]
-    assert len(rows) == 1 and rows[0].rival == "dense F.linear fwd+bwd" and rows[0].match
-    assert rows[0].ours == "subkern[triton, materialize] fwd+bwd (mask given)"
+    # on CPU the default strategy is fused (unless the environment says otherwise)
+    assert all(row.match for row in result.rows), [row.match_detail for row in result.rows]
+    rows = [row for row in result.rows if f", {other}]" in row.ours]
+    assert len(rows) == 1 and rows[0].rival == "dense F.linear fwd+bwd"
+    assert rows[0].ours == f"subkern[triton, {other}] fwd+bwd (mask given)"
     assert {row.ours for row in result.rows} == {
-        "subkern[triton, fused] select+fwd+bwd", "subkern[triton, fused] fwd+bwd (mask given)",
-        "subkern[triton, materialize] fwd+bwd (mask given)"}
+        f"subkern[triton, {default}] select+fwd+bwd",
+        f"subkern[triton, {default}] fwd+bwd (mask given)",
+        f"subkern[triton, {other}] fwd+bwd (mask given)"}

@@ -196,10 +196,18 @@ def test_masked_weight_grads_pass_is_autograds_products():
     assert gs.shape == (0, 7) and gw.shape == (0, 7)
 
 
-def test_public_api_materialize_strategy_autograd():
-    """masked_linear on the triton backend with the materialize strategy, weight trained too."""
+def test_public_api_materialize_strategy_autograd(monkeypatch):
+    """masked_linear on the triton backend with the materialize strategy, weight trained too;
+    the backward (run after the ``with`` block, as autograd's CUDA thread would run it) keeps
+    the forward's strategy."""
+    from subkern.kernels import masked_matmul
+
     from subkern.ops.matmul_strategy import use_matmul_strategy
 
+    calls = []
+    real = masked_matmul.materialized_linear_backward
+    monkeypatch.setattr(masked_matmul, "materialized_linear_backward",
+                        lambda *a: calls.append(1) or real(*a))
     x, w, s, b = _data((2, 4, 47), 33, torch.float32)
     for t in (x, w, s, b):
         t.requires_grad_()
@@ -207,6 +215,7 @@ def test_public_api_materialize_strategy_autograd():
     with subkern.use_backend("triton"), use_matmul_strategy("materialize"):
         y = mk.masked_linear(x, w, s, 0.3, b)
     y.backward(gy)
+    assert calls == [1]
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, s, b)]
     with subkern.use_backend("reference"):
         mk.masked_linear(*leaves[:3], 0.3, leaves[3]).backward(gy)
@@ -216,12 +225,41 @@ def test_public_api_materialize_strategy_autograd():
         torch.testing.assert_close(got.grad, want.grad, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["fused", "materialize"])
-def test_cuda_route_both_strategies(strategy):
-    """On CUDA both strategies give the reference's output and gradients (bf16 and fp16)."""
+def test_materialize_ignores_autocast():
+    """The materialize strategy's GEMMs run in the op's dtype under autocast (as the fused
+    kernels and the op's fake kernel do), and the backward works."""
     from subkern.ops.matmul_strategy import use_matmul_strategy
 
+    x, w, s, b = _data((6, 40), 24, torch.float32)
+    x.requires_grad_()
+    s.requires_grad_()
+    with subkern.use_backend("triton"), use_matmul_strategy("materialize"), \
+            torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = mk.masked_linear(x, w, s, 0.5, b)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and s.grad.dtype == torch.float32
+    torch.testing.assert_close(y, mk.reference_masked_linear(x, w, s, 0.5, b),
+                               rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "materialize"])
+def test_cuda_route_both_strategies(strategy, monkeypatch):
+    """On CUDA both strategies give the reference's output and gradients (bf16 and fp16); the
+    backward, which autograd runs on its device thread after the ``with`` block, keeps the
+    forward's strategy."""
+    from subkern.kernels import masked_matmul
+
+    from subkern.ops.matmul_strategy import use_matmul_strategy
+
+    calls = []
+    for name in ("materialized_linear_backward", "masked_linear_backward"):
+        real = getattr(masked_matmul, name)
+        monkeypatch.setattr(masked_matmul, name,
+                            lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    want = ("materialized_linear_backward" if strategy == "materialize"
+            else "masked_linear_backward")
     for dtype in (torch.float16, torch.bfloat16):
         x, w, s, b = _data((3, 50, 96), 80, dtype, device="cuda")
         x.requires_grad_()
@@ -235,3 +273,24 @@ def test_cuda_route_both_strategies(strategy):
         _check(y, y_ref, dtype)
         _check(x.grad, gx_ref, dtype)
         _check(s.grad, gs_ref, dtype)
+    assert calls == [want, want]
+
+
+@pytest.mark.gpu
+def test_cuda_float64_materializes_even_when_fused_is_asked():
+    """The fused masked matmul does not compile for float64 on CUDA; float64 runs the
+    materialize path whatever the strategy, with the reference's gradients."""
+    from subkern.ops.matmul_strategy import use_matmul_strategy
+
+    x, w, s, b = _data((5, 40), 24, torch.float64, device="cuda")
+    x.requires_grad_()
+    s.requires_grad_()
+    with use_matmul_strategy("fused"):
+        y = mk.masked_linear(x, w, s, 0.5, b)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    mask = mk.select_mask(s, 0.5)
+    y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
+    _check(y, y_ref, torch.float64)
+    _check(x.grad, gx_ref, torch.float64)
+    _check(s.grad, gs_ref, torch.float64)

@@ -146,9 +146,34 @@ def test_public_op_noncontiguous_and_empty(strategy):
         torch.testing.assert_close(y1, b.expand(3, 6))
 
 
+def test_backward_keeps_the_forwards_strategy_and_ignores_autocast(monkeypatch):
+    """The backward (run after the ``with`` block, as autograd's CUDA thread would run it) uses
+    the forward's strategy; the materialize GEMMs run in the op's dtype under autocast."""
+    from subkern.kernels import soft_threshold as kern
+
+    calls = []
+    real = kern.materialized_linear_backward
+    monkeypatch.setattr(kern, "materialized_linear_backward",
+                        lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, 40, device=DEVICE)
+    w = torch.randn(24, 40, device=DEVICE) * 0.8
+    s = torch.tensor(-1.2, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, w, s)]
+    with subkern.use_backend("triton"), use_matmul_strategy("materialize"), \
+            torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = st.soft_threshold_linear(*leaves, None)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert calls == [1]
+    y_ref, grads_ref = _reference(x, w, s, None, torch.ones(6, 24, device=DEVICE))
+    _check(y, y_ref, torch.float32)
+    for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
+        _check(got, want, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["auto", "fused", "materialize"])
-def test_cuda_route_uses_the_kernels_and_matches(strategy):
+def test_cuda_route_uses_the_kernels_and_matches(strategy, monkeypatch):
     from subkern.ops.library import has_kernel
 
     st.register_device_fallbacks()   # idempotent (subkern.ops does it at import)
@@ -160,10 +185,18 @@ def test_cuda_route_uses_the_kernels_and_matches(strategy):
     s = torch.full((80,), -1.0, device="cuda")
     gy = torch.randn(64, 80, device="cuda", dtype=torch.bfloat16)
     y_ref, grads_ref = _reference(x, w, s, None, gy)
+    from subkern.kernels import soft_threshold as kern
+
+    calls = []
+    for name in ("materialized_linear_backward", "soft_threshold_linear_backward"):
+        real = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
     leaves = [t.clone().requires_grad_() for t in (x, w, s)]
     with use_matmul_strategy(strategy):
         y = torch.ops.subkern.soft_threshold_linear(*leaves, None)
-        y.backward(gy)
+    y.backward(gy)   # on autograd's CUDA thread: the forward's strategy must carry over
+    assert calls == ["soft_threshold_linear_backward" if strategy == "fused"
+                     else "materialized_linear_backward"]
     _check(y, y_ref, torch.bfloat16)
     for got, want in zip((t.grad for t in leaves), grads_ref, strict=True):
         _check(got, want, torch.bfloat16)

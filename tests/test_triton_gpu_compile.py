@@ -34,14 +34,17 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert proc.returncode == 0, report
     assert "0 failures" in report, report
     compiled = int(report.split("sm_90: ")[1].split(" kernel compilations")[0])
-    assert compiled >= 100, report   # every wrapper compiled its kernels (140 when written)
+    assert compiled >= 200, report   # every wrapper compiled its kernels (244 when written)
 
 
 def test_shared_memory_over_the_limit_is_a_failure():
-    """A kernel launched without the autotuner that needs more shared memory than a block may
-    have is reported (here against a 4 KiB limit: the top-k histogram kernel uses 8 KiB)."""
+    """A kernel that needs more shared memory than a block may have is reported (here against
+    a 4 KiB limit): one launched without the autotuner (the top-k histogram kernel, 8 KiB), and
+    an autotuned one when no configuration fits (``--quick``: the one configuration)."""
     proc = _check("--shared-limit", "4096")
     report = proc.stdout + proc.stderr
     assert proc.returncode == 1, report
     assert "FAIL _hist_kernel: 8192 B of shared memory > 4096 B" in report, report
-    assert "FAIL _masked_matmul_kernel" not in report   # autotuned: the autotuner skips those
+    assert ("FAIL _masked_matmul_kernel: every autotuning configuration needs more than "
+            "4096 B of shared memory") in report, report
+    assert "FAIL _soft_threshold_grads_kernel" not in report   # 16 B: fits

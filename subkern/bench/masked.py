@@ -13,7 +13,8 @@ Implementations:
   selection, then mask, ``W * M`` and ``W * sign(S)`` in one pass, then the GEMM; its backward
   ``masked_linear_select_backward`` reuses ``W * M`` and ``W * sign(S)``; on CUDA
   ``select_mask`` + the Triton backend's mask-form op, with its default matmul strategy
-  ``materialize``: W * M written once, cuBLAS GEMMs, subkern/ops/matmul_strategy.py); also
+  ``materialize``: W * M written by an elementwise pass, cuBLAS GEMMs,
+  subkern/ops/matmul_strategy.py); also
   timed with the mask given (``masked_linear_with_mask``, selection excluded) and the selection
   alone (``select_mask``);
 * ``subkern[triton, fused]`` (CUDA): the mask-form op on the fused Triton matmul, the mask
@@ -191,8 +192,8 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
     alternative = "fused" if default == "materialize" else "materialize"
     ours_name = f"subkern[{label}, {default}]" if other else f"subkern[{label}]"
 
-    ours_total = _masked_step(data, backend, None)
-    ours_kernel = _masked_step(data, backend, mask)
+    ours_total = _masked_step(data, backend, None, default)
+    ours_kernel = _masked_step(data, backend, mask, default)
     reference = _masked_step(data, "reference", None)
     dense = _dense_step(data)
     match, detail = check_match(ours_total(), reference(), dtype)
@@ -206,8 +207,10 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
     }
     if other:
         # the other matmul strategy (on CUDA: the fused Triton matmul, mask applied on load)
-        impls["other"] = (f"subkern[{label}, {alternative}] fwd+bwd (mask given)",
-                          _masked_step(data, backend, mask, alternative), reps)
+        other_step = _masked_step(data, backend, mask, alternative)
+        other_match = check_match(other_step(), reference(), dtype)
+        impls["other"] = (f"subkern[{label}, {alternative}] fwd+bwd (mask given)", other_step,
+                          reps)
     timed = time_round_robin(impls, device, size.warmup)
     measured = {key: Measurement(impls[key][0], tokens, timed[key]) for key in impls}
     m_total, m_kernel, m_select, m_ref, m_dense = (
@@ -228,7 +231,9 @@ def _run_case(config: BenchConfig, size: MaskedSize, result: BenchResult, out_f:
                                notes=["mask given (selection excluded)"], **common))
     if "other" in measured:
         result.rows.append(compare(ours=measured["other"], rival=m_dense, target=dense_target,
-                                   notes=[f"matmul strategy {alternative}"], **common))
+                                   notes=[f"matmul strategy {alternative}"],
+                                   **{**common, "match": other_match[0],
+                                      "match_detail": other_match[1]}))
     if device == "cuda":
         m_dfwd = _measure("cuBLAS F.linear forward", _dense_forward(data), tokens, device,
                           size.warmup, reps)

@@ -11,7 +11,7 @@ Implementations:
 * ``subkern[<backend>]``: ``soft_threshold_linear`` / ``soft_threshold_conv2d`` (C++ on CPU:
   fused ``W_eff`` build + BLAS, fused gradient epilogue). On CUDA the Triton backend's two
   matmul strategies (subkern/ops/matmul_strategy.py) are both timed: ``materialize`` (the
-  default: ``W_eff`` written once by an elementwise kernel, cuBLAS GEMMs, one elementwise
+  default: ``W_eff`` written by an elementwise kernel, cuBLAS GEMMs, one elementwise
   gradient pass) and ``fused`` (the threshold applied to the weight tiles as they load,
   ``W_eff`` never in global memory);
 * ``reference``: ``sign(W) * relu(|W| - sigmoid(s))`` in torch ops, ``F.linear``, autograd;
@@ -220,7 +220,7 @@ def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
     default = matmul_strategy(torch.device(device))
     alternative = "fused" if default == "materialize" else "materialize"
     ours_name = f"subkern[{label}, {default}]" if both_strategies else f"subkern[{label}]"
-    ours = _step(data, fns["ours"], backend)
+    ours = _step(data, fns["ours"], backend, default)
     reference = _step(data, fns["ref"], None)
     dense = _step(data, fns["dense"], None)
     match, detail = check_match(ours(), reference(), dtype)
@@ -230,8 +230,9 @@ def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
         "dense": (f"dense {dense_name} fwd+bwd", dense, reps),
     }
     if both_strategies:
-        impls["other"] = (f"subkern[{label}, {alternative}] fwd+bwd",
-                          _step(data, fns["ours"], backend, alternative), reps)
+        other_step = _step(data, fns["ours"], backend, alternative)
+        other_match = check_match(other_step(), reference(), dtype)
+        impls["other"] = (f"subkern[{label}, {alternative}] fwd+bwd", other_step, reps)
     timed = time_round_robin(impls, device, size.warmup)
     measured = {key: Measurement(impls[key][0], items, timed[key]) for key in impls}
     for m in measured.values():
@@ -246,7 +247,9 @@ def _run_case(config: BenchConfig, size: STSize, result: BenchResult, case: str,
     result.rows.append(compare(ours=m_ours, rival=m_dense, target=dense_target, **common))
     if "other" in measured:
         result.rows.append(compare(ours=measured["other"], rival=m_dense, target=dense_target,
-                                   notes=[f"matmul strategy {alternative}"], **common))
+                                   notes=[f"matmul strategy {alternative}"],
+                                   **{**common, "match": other_match[0],
+                                      "match_detail": other_match[1]}))
     if forward is not None:
         ours_fwd, dense_fwd = forward
         m_dfwd = Measurement(f"dense {dense_name} forward", items,

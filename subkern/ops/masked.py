@@ -27,8 +27,8 @@ Ops (schemas in the ``subkern`` library):
   masked_linear.cpp``) build ``W * M`` in one fused multithreaded pass into a reused buffer and
   call the BLAS GEMM, and derive both weight-side gradients in one pass over ``G``; the Triton
   backend (the CUDA path) has two strategies (:mod:`subkern.ops.matmul_strategy`):
-  ``materialize``, the default on CUDA (``W * M`` written once, cuBLAS GEMMs, both weight-side
-  gradients in one elementwise Triton pass over ``G``), and ``fused`` (``kernels/
+  ``materialize``, the default on CUDA (``W * M`` written by an elementwise pass, cuBLAS GEMMs,
+  both weight-side gradients in one elementwise Triton pass over ``G``), and ``fused`` (``kernels/
   masked_matmul.py``'s matmuls apply the mask to the weight tiles in registers, so ``W * M``
   never reaches global memory);
 * ``masked_linear_select(x, weight, scores, k, bias) -> (y, mask, w_eff, w_sign)``: the CPU
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from .library import LIB, has_kernel, qualname
-from .matmul_strategy import matmul_strategy
+from .matmul_strategy import matmul_strategy, requested_strategy, use_matmul_strategy
 from .topk_mask import topk_mask_bool as _topk_mask_bool
 
 __all__ = [
@@ -285,6 +285,8 @@ def _linear_setup_context(ctx, inputs, output) -> None:
     x, weight, scores, mask, bias = inputs
     ctx.save_for_backward(x, weight, scores, mask)
     ctx.has_bias = bias is not None
+    # the backward runs on autograd's device thread on CUDA: it gets the forward's strategy
+    ctx.strategy = requested_strategy() if x.device.type == "cuda" else "auto"
 
 
 def _linear_backward(ctx, grad_y):
@@ -292,8 +294,9 @@ def _linear_backward(ctx, grad_y):
     need_x, need_w, need_s, _, need_b = ctx.needs_input_grad
     grad_x = grad_scores = grad_weight = grad_bias = None
     if need_x or need_w or need_s:
-        gx, gs, gw = torch.ops.subkern.masked_linear_backward(
-            grad_y, x, weight, scores, mask, [need_x, need_s, need_w])
+        with use_matmul_strategy(ctx.strategy):
+            gx, gs, gw = torch.ops.subkern.masked_linear_backward(
+                grad_y, x, weight, scores, mask, [need_x, need_s, need_w])
         grad_x = gx if need_x else None
         grad_scores = gs if need_s else None
         grad_weight = gw if need_w else None
@@ -371,9 +374,17 @@ torch.library.register_autograd(qualname("masked_conv2d_with_mask"), _conv_backw
 # Triton (CUDA kernels of the mask-form ops; CPU tensors through the interpreter)
 # --------------------------------------------------------------------------------------------
 
+def _materialize(x: torch.Tensor) -> bool:
+    """The materialize strategy, also for float64 on CUDA (the fused masked matmul does not
+    compile for float64 there: Triton has no float64 MMA with these BLOCK_K)."""
+    return (matmul_strategy(x.device) == "materialize"
+            or (x.device.type == "cuda" and x.dtype == torch.float64))
+
+
 def _triton_linear_with_mask(x, weight, scores, mask, bias):
-    if matmul_strategy(x.device) == "materialize":  # W * M once, then torch's GEMM (cuBLAS)
-        return F.linear(x, weight * mask, bias)
+    if _materialize(x):  # W * M, then torch's GEMM (cuBLAS); as the op's dtype, not autocast's
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight * mask, bias)
     from ..kernels import masked_matmul
 
     return masked_matmul.masked_linear_forward(x, weight, mask, bias)
@@ -383,8 +394,10 @@ def _triton_linear_backward(grad_y, x, weight, scores, mask, output_mask):
     from ..kernels import masked_matmul
 
     need = tuple(bool(v) for v in output_mask)
-    if matmul_strategy(x.device) == "materialize":
-        return masked_matmul.materialized_linear_backward(grad_y, x, weight, scores, mask, need)
+    if _materialize(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_matmul.materialized_linear_backward(grad_y, x, weight, scores, mask,
+                                                              need)
     return masked_matmul.masked_linear_backward(grad_y, x, weight, scores, mask, need)
 
 
@@ -395,6 +408,7 @@ class _TritonMaskedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, scores, mask, bias):
         ctx.save_for_backward(x, weight, scores, mask)
         ctx.has_bias = bias is not None
+        ctx.strategy = requested_strategy()   # for the backward (possibly another thread)
         return _triton_linear_with_mask(x, weight, scores, mask, bias)
 
     @staticmethod
@@ -403,8 +417,9 @@ class _TritonMaskedLinear(torch.autograd.Function):
         need_x, need_w, need_s, _, need_b = ctx.needs_input_grad
         gx = gs = gw = gb = None
         if need_x or need_w or need_s:
-            gx, gs, gw = _triton_linear_backward(grad_y.contiguous(), x, weight, scores, mask,
-                                                 (need_x, need_s, need_w))
+            with use_matmul_strategy(ctx.strategy):
+                gx, gs, gw = _triton_linear_backward(grad_y.contiguous(), x, weight, scores,
+                                                     mask, (need_x, need_s, need_w))
         if ctx.has_bias and need_b:
             gb = _rows(grad_y).sum(0)
         return (gx if need_x else None, gw if need_w else None, gs if need_s else None, None, gb)

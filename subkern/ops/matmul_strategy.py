@@ -9,12 +9,16 @@ Both ops multiply by an effective weight made elementwise from the stored one: `
   ``kernels/soft_threshold.py`` apply the mask / threshold to every weight tile as they load it,
   so ``W_eff`` never reaches global memory, and the weight gradient's epilogue runs inside the
   ``grad_y^T @ x`` kernel.
-* ``materialize``: one elementwise pass writes ``W_eff`` (the weight's dtype), torch's GEMM
-  (cuBLAS) runs ``x @ W_eff^T`` and ``grad_y @ W_eff``, and ``G = grad_y^T @ x`` is followed by
-  one elementwise Triton pass that forms the weight / score / threshold gradients from ``G``.
-  Cost: ``W_eff`` is written once and read per GEMM, ``2 x out x in`` elements per use, about
-  5 us for a 768x3072 bf16 layer on an H100 (3.35 TB/s), against 15-60 us for its GEMMs at
+* ``materialize``: an elementwise pass writes ``W_eff`` (the weight's dtype) and torch's GEMM
+  (cuBLAS) runs ``x @ W_eff^T``; the backward builds ``W_eff`` again for ``grad_y @ W_eff``
+  (nothing is kept between the passes), and ``G = grad_y^T @ x`` is followed by one
+  elementwise Triton pass that forms the weight / score / threshold gradients from ``G``.
+  Cost per training step: two ``W_eff`` builds (read ``W`` and the mask or ``s``, write
+  ``W_eff``) and ``W_eff`` read by two GEMMs: a few microseconds each for a 768x3072 bf16 layer
+  on an H100 (3.35 TB/s; about 12 MB moved per build), against 15-60 us per GEMM at
   2048-8192 tokens.
+* float64 on CUDA always materializes in the edge-popup op: Triton has no float64 MMA at the
+  fused masked matmul's tile sizes (it does not compile; ``benchmarks/triton_aot_check.py``).
 
 Why ``auto`` materializes on CUDA: on an H100 (benchmarks/results/gpu/README.md) the fused
 kernels reached 0.12-0.30x of cuBLAS's throughput at 2048 and 8192 tokens: a tutorial-structured

@@ -32,7 +32,7 @@ autograd):
   ``G = grad_y^T x`` and then in one pass writes ``grad_weight`` over ``G``, the per-row partial
   sums of ``grad_s`` and (for ``grad_x``) ``W_eff`` again. The Triton backend (the CUDA path)
   has two strategies (:mod:`subkern.ops.matmul_strategy`): ``materialize``, the default on CUDA
-  (``W_eff`` written once by the elementwise kernel, cuBLAS GEMMs, the gradient epilogue as one
+  (``W_eff`` written by the elementwise kernel, cuBLAS GEMMs, the gradient epilogue as one
   elementwise pass over ``G``), and ``fused`` (``kernels/soft_threshold.py``'s matmuls apply
   the threshold to the weight tiles in registers, so ``W_eff`` never reaches global memory, and
   run the same epilogue on the tiles of ``G``);
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from .library import LIB, has_kernel, qualname
-from .matmul_strategy import matmul_strategy
+from .matmul_strategy import matmul_strategy, requested_strategy, use_matmul_strategy
 
 __all__ = [
     "soft_threshold",
@@ -260,6 +260,8 @@ def _linear_setup_context(ctx, inputs, output) -> None:
     x, weight, s, bias = inputs
     ctx.save_for_backward(x, weight, s)
     ctx.has_bias = bias is not None
+    # the backward runs on autograd's device thread on CUDA: it gets the forward's strategy
+    ctx.strategy = requested_strategy() if x.device.type == "cuda" else "auto"
 
 
 def _linear_backward(ctx, grad_y):
@@ -267,8 +269,9 @@ def _linear_backward(ctx, grad_y):
     need_x, need_w, need_s, need_b = ctx.needs_input_grad
     gx = gw = gs = gb = None
     if need_x or need_w or need_s:
-        gx, gw, gs = torch.ops.subkern.soft_threshold_linear_backward(
-            grad_y, x, weight, s, [need_x, need_w, need_s])
+        with use_matmul_strategy(ctx.strategy):
+            gx, gw, gs = torch.ops.subkern.soft_threshold_linear_backward(
+                grad_y, x, weight, s, [need_x, need_w, need_s])
     if ctx.has_bias and need_b:
         gb = _rows(grad_y).sum(0)
     return (gx if need_x else None, gw if need_w else None, gs if need_s else None, gb)
@@ -313,8 +316,9 @@ torch.library.register_autograd(qualname("soft_threshold_conv2d"), _conv_backwar
 def _triton_linear(x, weight, s, bias):
     from ..kernels import soft_threshold as kern
 
-    if matmul_strategy(x.device) == "materialize":  # W_eff once, then torch's GEMM (cuBLAS)
-        return F.linear(x, kern.soft_threshold_forward(weight, s), bias)
+    if matmul_strategy(x.device) == "materialize":  # W_eff, then torch's GEMM (cuBLAS)
+        with torch.autocast(x.device.type, enabled=False):   # the op's dtype, not autocast's
+            return F.linear(x, kern.soft_threshold_forward(weight, s), bias)
     return kern.soft_threshold_linear_forward(x, weight, threshold(weight, s).reshape(-1), bias)
 
 
@@ -323,7 +327,8 @@ def _triton_linear_backward(grad_y, x, weight, s, output_mask):
 
     need = tuple(bool(v) for v in output_mask)
     if matmul_strategy(x.device) == "materialize":
-        return kern.materialized_linear_backward(grad_y, x, weight, s, need)
+        with torch.autocast(x.device.type, enabled=False):
+            return kern.materialized_linear_backward(grad_y, x, weight, s, need)
     return kern.soft_threshold_linear_backward(grad_y, x, weight, s, need)
 
 
@@ -334,6 +339,7 @@ class _TritonSoftThresholdLinear(torch.autograd.Function):
     def forward(ctx, x, weight, s, bias):
         ctx.save_for_backward(x, weight, s)
         ctx.has_bias = bias is not None
+        ctx.strategy = requested_strategy()   # for the backward (possibly another thread)
         return _triton_linear(x, weight, s, bias)
 
     @staticmethod
@@ -342,8 +348,9 @@ class _TritonSoftThresholdLinear(torch.autograd.Function):
         need_x, need_w, need_s, need_b = ctx.needs_input_grad
         gx = gw = gs = gb = None
         if need_x or need_w or need_s:
-            gx, gw, gs = _triton_linear_backward(grad_y.contiguous(), x, weight, s,
-                                                 (need_x, need_w, need_s))
+            with use_matmul_strategy(ctx.strategy):
+                gx, gw, gs = _triton_linear_backward(grad_y.contiguous(), x, weight, s,
+                                                     (need_x, need_w, need_s))
         if ctx.has_bias and need_b:
             gb = _rows(grad_y).sum(0)
         return (gx if need_x else None, gw if need_w else None, gs if need_s else None, gb)
