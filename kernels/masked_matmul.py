@@ -204,8 +204,8 @@ def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.
 
 
 # --------------------------------------------------------------------------------------------
-# The materialize strategy (subkern/ops/matmul_strategy.py): W * M written once, torch's GEMMs,
-# the weight-gradient epilogue as one elementwise pass over G
+# The materialize strategy (subkern/ops/matmul_strategy.py): W * M by an elementwise pass,
+# torch's GEMMs, the weight-gradient epilogue as one elementwise pass over G
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
