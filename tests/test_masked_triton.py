@@ -54,6 +54,24 @@ def _check_grads(need, grads, grads_ref, dtype):
         else:
             assert got.numel() == 0
 
+def _step_matches_reference(x, w, s, b, dtype, strategy="auto"):
+    """``masked_linear`` forward under the matmul ``strategy`` and backward (after the ``with``
+    block, where autograd's CUDA thread runs it): output, grad_x and grad_scores against the
+    reference."""
+    from subkern.ops.matmul_strategy import use_matmul_strategy
+
+    x.requires_grad_()
+    s.requires_grad_()
+    with use_matmul_strategy(strategy):
+        y = mk.masked_linear(x, w, s, 0.5, b)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    mask = mk.select_mask(s, 0.5)
+    y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
+    for got, want in ((y, y_ref), (x.grad, gx_ref), (s.grad, gs_ref)):
+        _check(got, want, dtype)
+
+
 
 
 def _dtypes():
@@ -131,17 +149,7 @@ def test_non_contiguous_and_empty():
 @pytest.mark.gpu
 def test_cuda_dispatch_route():
     """On CUDA the op's kernel is Triton (dispatcher), with autograd through the backward op."""
-    x, w, s, b = _data((64, 96), 80, torch.float16, device="cuda")
-    x.requires_grad_()
-    s.requires_grad_()
-    y = mk.masked_linear(x, w, s, 0.5, b)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    mask = mk.select_mask(s, 0.5)
-    y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
-    _check(y, y_ref, torch.float16)
-    _check(x.grad, gx_ref, torch.float16)
-    _check(s.grad, gs_ref, torch.float16)
+    _step_matches_reference(*_data((64, 96), 80, torch.float16, device="cuda"), torch.float16)
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
@@ -251,8 +259,6 @@ def test_cuda_route_both_strategies(strategy, monkeypatch):
     forward's strategy."""
     from subkern.kernels import masked_matmul
 
-    from subkern.ops.matmul_strategy import use_matmul_strategy
-
     calls = []
     for name in ("materialized_linear_backward", "masked_linear_backward"):
         real = getattr(masked_matmul, name)
@@ -261,18 +267,7 @@ def test_cuda_route_both_strategies(strategy, monkeypatch):
     want = ("materialized_linear_backward" if strategy == "materialize"
             else "masked_linear_backward")
     for dtype in (torch.float16, torch.bfloat16):
-        x, w, s, b = _data((3, 50, 96), 80, dtype, device="cuda")
-        x.requires_grad_()
-        s.requires_grad_()
-        with use_matmul_strategy(strategy):
-            y = mk.masked_linear(x, w, s, 0.5, b)
-        gy = torch.randn_like(y)
-        y.backward(gy)
-        mask = mk.select_mask(s, 0.5)
-        y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
-        _check(y, y_ref, dtype)
-        _check(x.grad, gx_ref, dtype)
-        _check(s.grad, gs_ref, dtype)
+        _step_matches_reference(*_data((3, 50, 96), 80, dtype, device="cuda"), dtype, strategy)
     assert calls == [want, want]
 
 
@@ -280,17 +275,5 @@ def test_cuda_route_both_strategies(strategy, monkeypatch):
 def test_cuda_float64_materializes_even_when_fused_is_asked():
     """The fused masked matmul does not compile for float64 on CUDA; float64 runs the
     materialize path whatever the strategy, with the reference's gradients."""
-    from subkern.ops.matmul_strategy import use_matmul_strategy
-
-    x, w, s, b = _data((5, 40), 24, torch.float64, device="cuda")
-    x.requires_grad_()
-    s.requires_grad_()
-    with use_matmul_strategy("fused"):
-        y = mk.masked_linear(x, w, s, 0.5, b)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    mask = mk.select_mask(s, 0.5)
-    y_ref, (gx_ref, gs_ref, _) = _reference(x, w, s, b, mask, gy, (True, True, False))
-    _check(y, y_ref, torch.float64)
-    _check(x.grad, gx_ref, torch.float64)
-    _check(s.grad, gs_ref, torch.float64)
+    _step_matches_reference(*_data((5, 40), 24, torch.float64, device="cuda"), torch.float64,
+                            "fused")
