@@ -50,6 +50,23 @@ __device__ __forceinline__ int64_t col_at(const void* cols, int64_t j) {
   }
 }
 
+// The warp's per-lane partial sums of output row o for BT batch rows: summed across the warp,
+// lane 0 stores y[b0 + b, o] (+ bias[o]) for the nb batch rows that exist.
+template <int BT>
+__device__ __forceinline__ void warp_sums_to_rows(const float (&acc)[BT], int lane, int nb,
+                                                  int64_t b0, int64_t o, int64_t out,
+                                                  const float* __restrict__ bias,
+                                                  float* __restrict__ y) {
+  const float bo = bias != nullptr ? bias[o] : 0.f;
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    float s = acc[b];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if (lane == 0 && b < nb) y[(b0 + b) * out + o] = s + bo;
+  }
+}
+
 template <bool COL16, SparseValueType V>
 __global__ void csr_linear_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_ptr,
                                   const void* __restrict__ cols, const void* __restrict__ values,
@@ -115,13 +132,7 @@ __global__ void csr_linear_kernel(const float* __restrict__ x, const int64_t* __
       }
     }
   }
-#pragma unroll
-  for (int b = 0; b < kSparseBatchTile; ++b) {
-    float s = acc[b];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-    if (lane == 0 && b < nb) y[(b0 + b) * out + o] = s + (bias != nullptr ? bias[o] : 0.f);
-  }
+  warp_sums_to_rows<kSparseBatchTile>(acc, lane, nb, b0, o, out, bias, y);
 }
 
 // Transposed-activation variant: lane l takes nonzeros start + l, start + l + 32, ...; the BT
@@ -159,14 +170,7 @@ __global__ void csr_linear_xt_kernel(const float* __restrict__ xT, int64_t ld,
       acc[4 * q + 3] += v * xv.w;
     }
   }
-  const float bo = bias != nullptr ? bias[o] : 0.f;
-#pragma unroll
-  for (int b = 0; b < BT; ++b) {
-    float s = acc[b];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-    if (lane == 0 && b < nb) y[(b0 + b) * out + o] = s + bo;
-  }
+  warp_sums_to_rows<BT>(acc, lane, nb, b0, o, out, bias, y);
 }
 
 // Grids of kSparseRowsPerBlock warps per block over the output rows and `tile` batch rows per
